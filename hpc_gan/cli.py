@@ -1,0 +1,66 @@
+"""The ``hpc_gan`` command: one subcommand per job, one error line and a non-zero exit on bad input.
+
+Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this module only dispatches and turns :class:`HpcGanError` into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from hpc_gan.errors import HpcGanError
+
+# name -> (module, help). Command modules keep heavy imports (torch, deepspeed) inside run().
+COMMANDS = {
+    "config": ("hpc_gan.config_cli", "print a resolved run configuration or explain every key"),
+    "make-phantoms": ("hpc_gan.data.cli_phantoms", "write seeded phantom TOF-MRA volumes as NIfTI"),
+    "pack": ("hpc_gan.data.cli_pack", "pack NIfTI volumes into sharded HDF5 patches"),
+    "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
+}
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2) instead of the usage text."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(commands: dict = COMMANDS) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="hpc_gan", description="3D TOF-MRA GANs on SLURM clusters")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    for name, (module, text) in commands.items():
+        command = sub.add_parser(name, help=text, description=text)
+        command.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(command)
+    return parser
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, run, and map user errors to one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except HpcGanError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""argparse types shared by the command lines: they reject bad values with a one-line message."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _numbers(text: str, kind: type, count: int, what: str) -> tuple:
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {count} {what} separated by commas") from None
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"'{text}' has {len(values)} values; give {count}, e.g. 128,128,64")
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': every value must be positive")
+    return values
+
+
+def shape3(text: str) -> tuple[int, int, int]:
+    """'128,128,64' (or 128x128x64) -> (128, 128, 64)."""
+    return _numbers(text, int, 3, "integers")
+
+
+def spacing3(text: str) -> tuple[float, float, float]:
+    """'0.5,0.5,0.8' -> (0.5, 0.5, 0.8)."""
+    return _numbers(text, float, 3, "numbers")
+
+
+def fractions3(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); zeros allowed."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three fractions like 0.8,0.1,0.1") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' has {len(values)} values; give train,val,test like 0.8,0.1,0.1")
+    return values

@@ -1,0 +1,1 @@
+"""Datasets: synthetic phantoms, NIfTI loading, patch extraction and sharding."""

@@ -1,0 +1,145 @@
+"""``manifest.json``: what a shard directory holds, and the checks a job runs before reading it.
+
+The manifest is written last, atomically, by the packer; a directory without one is not a
+dataset. It records the format version, patch shape, spacing, splits with per-shard counts and
+SHA-256, source-file hashes, normalisation, sampling parameters and seed, and the tool version.
+No NIfTI header field is copied into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_gan.data.nifti import file_sha256
+from hpc_gan.data.shards import FORMAT_VERSION
+from hpc_gan.errors import DataError
+
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("format_version", "patch_shape", "spacing", "splits", "sampling", "normalisation", "compression")
+VERIFY_MODES = ("full", "size", "none")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    n: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded, validated manifest. ``digest`` is the SHA-256 of the manifest file itself."""
+
+    root: Path
+    data: dict
+    digest: str
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data["patch_shape"])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.data["spacing"])
+
+    @property
+    def has_mask(self) -> bool:
+        return bool(self.data.get("has_mask", False))
+
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.data["splits"]:
+            raise DataError(f"split '{split}' is not in {self.root / MANIFEST}; available: {', '.join(self.splits())}")
+        return [ShardInfo(**s) for s in self.data["splits"][split]["shards"]]
+
+    def count(self, split: str) -> int:
+        return sum(s.n for s in self.shards(split))
+
+
+def write_manifest(root: str | os.PathLike, data: dict) -> Path:
+    """Write ``manifest.json`` atomically; returns its path."""
+    path = Path(root) / MANIFEST
+    tmp = path.with_name("." + MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and validate the manifest of a shard directory.
+
+    Raises:
+        DataError: the directory or manifest is missing, not JSON, of another format version,
+            or lacks a required key; or a patient id appears in two splits.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise DataError(f"data directory '{root}' does not exist; pack volumes first (data_prep/pack.py) or fix data.root")
+    if not path.is_file():
+        raise DataError(f"'{root}' has no {MANIFEST}: it is not a packed dataset (or packing did not finish); run data_prep/pack.py")
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); re-run the packing") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is malformed: expected a JSON object; re-run the packing")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise DataError(f"{path} is malformed: missing {', '.join(missing)}; re-run the packing")
+    if data["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {data['format_version']}, this tool reads {FORMAT_VERSION}; re-pack with this version")
+    manifest = Manifest(root=root, data=data, digest=hashlib.sha256(raw).hexdigest())
+    _check_structure(manifest, path)
+    return manifest
+
+
+def _check_structure(manifest: Manifest, path: Path) -> None:
+    owner: dict[str, str] = {}
+    for split, entry in manifest.data["splits"].items():
+        try:
+            shards = manifest.shards(split)
+            subjects = list(entry["subjects"])
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path} is malformed: split '{split}' lacks {exc}; re-run the packing") from None
+        if sum(s.n for s in shards) != entry.get("n_patches", -1):
+            raise DataError(f"{path} is malformed: split '{split}' shard counts do not add up to n_patches")
+        for subject in subjects:
+            if subject in owner:
+                raise DataError(f"{path}: subject '{subject}' is in both '{owner[subject]}' and '{split}'; "
+                                "a subject may be in one split only")
+            owner[subject] = split
+
+
+def verify_shards(manifest: Manifest, split: str, mode: str = "full") -> None:
+    """Check that every shard of a split is present and unchanged.
+
+    Args:
+        mode: ``full`` compares SHA-256 (reads every byte), ``size`` only file sizes, ``none`` nothing.
+
+    Raises:
+        DataError: a shard is missing or its size or checksum differs from the manifest.
+    """
+    if mode not in VERIFY_MODES:
+        raise DataError(f"unknown verify mode '{mode}'; choose one of: {', '.join(VERIFY_MODES)}")
+    if mode == "none":
+        return
+    for shard in manifest.shards(split):
+        path = manifest.root / shard.file
+        if not path.is_file():
+            raise DataError(f"shard '{path}' listed in the manifest is missing; restore it or re-run the packing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise DataError(f"shard '{path}' has {size} bytes, the manifest says {shard.bytes}: "
+                            "the file is truncated or was replaced; re-run the packing")
+        if mode == "full" and file_sha256(path) != shard.sha256:
+            raise DataError(f"shard '{path}' checksum does not match the manifest: the file is damaged "
+                            "or was changed; restore it or re-run the packing")

@@ -1,0 +1,21 @@
+"""Generator and critic networks (plain ``nn.Module`` objects, unaware of DeepSpeed)."""
+
+from hpc_gan.models.gan import (
+    CRITIC_NORMS,
+    INIT_STD,
+    Critic,
+    Generator,
+    count_parameters,
+    init_weights,
+    spectral_norm_buffers,
+)
+
+__all__ = [
+    "CRITIC_NORMS",
+    "INIT_STD",
+    "Critic",
+    "Generator",
+    "count_parameters",
+    "init_weights",
+    "spectral_norm_buffers",
+]
