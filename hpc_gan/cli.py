@@ -19,6 +19,7 @@ COMMANDS = {
     "make-phantoms": ("hpc_gan.data.cli_phantoms", "write seeded phantom TOF-MRA volumes as NIfTI"),
     "pack": ("hpc_gan.data.cli_pack", "pack NIfTI volumes into sharded HDF5 patches"),
     "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
+    "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
 }
 EXIT_USER_ERROR = 2
 
@@ -43,7 +44,10 @@ def build_parser(commands: dict = COMMANDS) -> argparse.ArgumentParser:
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run, and map user errors to one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error: return its status to in-process callers too
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -59,3 +59,35 @@ def packed(tmp_path_factory) -> Path:
     packing.pack(subjects, splits, root / "shards", SamplingPlan((16, 16, 16), (2, 2, 1), 6, 0),
                  patches_per_shard=7, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory) -> Path:
+    """Shards with the smoke profile's 32x32x16 patches: 3 train subjects x 5 patches (an epoch
+    is 3 steps on 2 ranks at batch 2, so short runs cross epoch boundaries)."""
+    from hpc_gan.data import pack as packing
+    from hpc_gan.data.patches import SamplingPlan
+
+    root = tmp_path_factory.mktemp("smoke")
+    src = write_subjects(root / "nifti", n=5)
+    subjects = packing.match_subjects(src / "images", src / "labels", src / "masks")
+    splits = {"train": ["sub-000", "sub-001", "sub-002"], "val": ["sub-003"], "test": ["sub-004"]}
+    packing.pack(subjects, splits, root / "shards", SamplingPlan((32, 32, 16), (1, 1, 1), 4, 0), progress=False)
+    return root / "shards"
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600):
+    """Run a script under torchrun with a free port; returns the CompletedProcess."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
+                                                                     "SLURM_", "PMI_", "OMPI_"))}
+    env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -19,3 +19,7 @@ __all__ = [
     "init_weights",
     "spectral_norm_buffers",
 ]
+
+from hpc_gan.models.build import build_critic, build_generator  # noqa: E402
+
+__all__ += ["build_critic", "build_generator"]

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed configs, gradient penalty, the two-engine trainer, checkpoints."""

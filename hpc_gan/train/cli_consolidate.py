@@ -1,0 +1,23 @@
+"""``hpc_gan consolidate RUN_DIR [--tag]``: one fp32 generator file from a run's ZeRO shards."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (holding checkpoints/)")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step-00000300 (default: the newest complete one)")
+    parser.add_argument("--out", help="output file (default RUN_DIR/consolidated/generator-TAG.pt)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from hpc_gan.train.consolidate import consolidate, load_generator
+
+    path = consolidate(args.run_dir, args.tag, args.out)
+    _, meta = load_generator(path)
+    print(f"consolidated {meta['variant']} generator at step {meta['step']}: {path}")
+    return 0

@@ -1,0 +1,115 @@
+"""ZeRO shards of a checkpoint -> one fp32 generator file that anyone can sample from.
+
+The file ``<run_dir>/consolidated/generator-<tag>.pt`` is a plain dict (loads with
+``torch.load(weights_only=True)``)::
+
+    {"format": "hpc_gan.generator", "format_version": 1, "variant": "c_sn_mp", "step": 20000,
+     "model": {"latent_dim": 128, "ngf": 1024, "patch_shape": [128, 128, 64], "out_channels": 2},
+     "config": {...resolved run config...}, "state_dict": {name: fp32 tensor, ...}}
+
+``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition plus the
+BatchNorm running statistics (averaged over ranks when the checkpoint was written). A
+``.sha256`` file beside it holds its SHA-256, checked on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from hpc_gan.config import from_dict
+from hpc_gan.data.nifti import file_sha256
+from hpc_gan.errors import CheckpointError
+from hpc_gan.models import Generator
+from hpc_gan.train import checkpoint as ckpt
+
+FORMAT = "hpc_gan.generator"
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | os.PathLike | None = None) -> Path:
+    """Gather the generator of one COMPLETE checkpoint into a single fp32 file.
+
+    Args:
+        run_dir: the run directory (holding ``checkpoints/``).
+        tag: checkpoint tag, e.g. ``step-00000300``; default the newest COMPLETE one.
+        out: output file; default ``<run_dir>/consolidated/generator-<tag>.pt``.
+
+    Returns:
+        The path of the written file (its SHA-256 is in ``<file>.sha256``).
+
+    Raises:
+        CheckpointError: no complete checkpoint, or the shards cannot be read.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = Path(run_dir) / "checkpoints"
+    tag = tag or ckpt.newest_complete(root)
+    if tag is None:
+        raise CheckpointError(f"'{run_dir}' has no complete checkpoint to consolidate; train first or check the path")
+    where = root / tag
+    if not (where / ckpt.COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint '{where}' is not COMPLETE (its job stopped while saving); pick another --tag")
+    state = ckpt.read_state(where)
+    cfg = from_dict(state["config"])
+    try:
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(where), tag="generator")
+    except Exception as exc:  # deepspeed raises several types for missing or damaged shards
+        raise CheckpointError(f"cannot gather the ZeRO shards of '{where}' ({exc.__class__.__name__}: {exc})") from None
+    weights.update(torch.load(where / ckpt.BUFFERS, weights_only=True))
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": state["variant"], "step": state["step"],
+               "model": {"latent_dim": cfg.model.latent_dim, "ngf": cfg.model.ngf,
+                         "patch_shape": list(cfg.model.patch_shape), "out_channels": 2},
+               "config": state["config"], "manifest_sha256": state.get("manifest_sha256", ""),
+               "state_dict": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+    out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    ckpt.write_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
+    return out
+
+
+def load_generator(path: str | os.PathLike, variant: str | None = None, verify: bool = True) -> tuple[Generator, dict]:
+    """Rebuild the generator of a consolidated file (eval mode, fp32, CPU).
+
+    Args:
+        path: a file written by :func:`consolidate`.
+        variant: if given, the file must be of this variant.
+        verify: compare the file's SHA-256 with its ``.sha256`` sidecar when one exists.
+
+    Returns:
+        (generator, metadata without the weights).
+
+    Raises:
+        CheckpointError: missing, truncated or foreign file, checksum mismatch, other variant.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"consolidated generator '{path}' does not exist; run `hpc_gan consolidate RUN_DIR`")
+    sidecar = path.with_name(path.name + ".sha256")
+    if verify and sidecar.is_file() and sidecar.read_text().split()[0] != file_sha256(path):
+        raise CheckpointError(f"'{path}' does not match its checksum in {sidecar.name}: the copy is damaged; copy it again")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, pickle errors... for damaged files
+        raise CheckpointError(f"'{path}' cannot be read as a consolidated generator (truncated or damaged: "
+                              f"{exc.__class__.__name__}); consolidate again") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not an hpc_gan consolidated generator; run `hpc_gan consolidate RUN_DIR`")
+    if variant and payload["variant"] != variant:
+        raise CheckpointError(f"'{path}' holds variant '{payload['variant']}', not '{variant}'")
+    model = payload["model"]
+    generator = Generator(model["latent_dim"], model["ngf"], tuple(model["patch_shape"]), model["out_channels"])
+    try:
+        generator.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"'{path}' does not fit the generator it describes ({first})") from None
+    generator.eval()
+    return generator, {k: v for k, v in payload.items() if k != "state_dict"}

@@ -1,0 +1,106 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard scalars and slices, one progress line.
+
+Only rank 0 writes; every rank calls :meth:`MetricsLogger.average` so the reported losses are
+means over ranks (one small all-reduce every ``log_every`` steps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+AVERAGED = ("loss_critic", "loss_generator", "wasserstein", "penalty")
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on this device, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Accumulates per-step scalars and writes them every ``log_every`` steps (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, total_steps: int, log_every: int,
+                 tensorboard: bool = True) -> None:
+        self.rank0 = rank == 0
+        self.world_size = world_size
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.path = run_dir / "metrics.jsonl"
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._window_start = time.perf_counter()
+        self._window_patches = 0
+        self._writer = None
+        if self.rank0 and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def add(self, scalars: dict, patches: int) -> None:
+        for key in AVERAGED:
+            self._sums[key] = self._sums.get(key, 0.0) + float(scalars[key])
+        self._count += 1
+        self._window_patches += patches
+
+    def average(self) -> dict:
+        """Means of the accumulated scalars over steps and ranks (collective: call on every rank)."""
+        values = torch.tensor([self._sums.get(k, 0.0) / max(self._count, 1) for k in AVERAGED], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(AVERAGED, values.tolist()))
+
+    def flush(self, step: int, epoch: int, extra: dict) -> dict | None:
+        """Average, write the record and the progress line, and start a new window."""
+        means = self.average()
+        elapsed = time.perf_counter() - self._window_start
+        record = {"step": step, "epoch": epoch, **means,
+                  "patches_per_s": self._window_patches * self.world_size / max(elapsed, 1e-9),
+                  "peak_memory_mb": peak_memory_mb(), **extra, "time": time.time()}
+        self._sums, self._count = {}, 0
+        self._window_start, self._window_patches = time.perf_counter(), 0
+        if not self.rank0:
+            return None
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+        print(progress_line(record, self.total_steps), file=sys.stdout, flush=True)
+        return record
+
+    def images(self, step: int, samples: torch.Tensor) -> None:
+        """Mid-axial slices of generated samples (B, 2, X, Y, Z): image row above label row."""
+        if self._writer is None:
+            return
+        mid = samples[:, :, :, :, samples.shape[-1] // 2].float()          # (B, 2, X, Y)
+        grid = torch.cat([torch.cat(list(mid[:, c]), dim=1) for c in range(2)], dim=0)  # (2X, B*Y)
+        self._writer.add_image("samples/mid_axial", ((grid + 1) / 2).clamp(0, 1).unsqueeze(0), step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    """The line users read in SLURM logs, e.g.
+    ``step 300/20000 ep 2 | D -1.234 G 0.567 W 1.80 GP 0.012 | 12.3 patch/s | scale 65536/32768 | 512 MB``."""
+    scales = f" | scale {record['loss_scale_critic']:g}/{record['loss_scale_generator']:g}" \
+        if record.get("precision") == "fp16" else ""
+    skipped = f" | skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""
+    return (f"step {record['step']}/{total_steps} ep {record['epoch']} | D {record['loss_critic']:.4f} "
+            f"G {record['loss_generator']:.4f} W {record['wasserstein']:.4f} GP {record['penalty']:.4f} | "
+            f"{record['patches_per_s']:.1f} patch/s{scales}{skipped} | {record['peak_memory_mb']:.0f} MB")

@@ -1,0 +1,267 @@
+"""The two-engine WGAN-GP trainer: build, resume, loop, checkpoint.
+
+Every rank runs the same code; rank 0 alone writes metrics, the resolved config and the
+COMPLETE markers. Everything that must survive a restart (both engines, the data cursor, each
+rank's RNG states, the step) is saved together under one tag by :meth:`Trainer.save`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc_gan import dist as hdist
+from hpc_gan.config import RunConfig, save_config, to_dict
+from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
+from hpc_gan.errors import CheckpointError, ConfigError, HpcGanError
+from hpc_gan.models import build_critic, build_generator, count_parameters
+from hpc_gan.train import checkpoint as ckpt
+from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
+from hpc_gan.train.metrics import MetricsLogger
+from hpc_gan.train.steps import loss_scale, train_iteration
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class NonFiniteLossError(HpcGanError):
+    """bf16/fp32 losses were not finite for too many consecutive steps."""
+
+
+class Trainer:
+    """Trains one variant. ``fit()`` returns the last metrics record (rank 0) or None.
+
+    Example:
+        >>> cfg = load_config("sn", profile="smoke", overrides=["data.root=demo_out/shards"])
+        >>> Trainer(cfg, hpc_gan.dist.detect()).fit()     # under torchrun / srun / mpiexec
+    """
+
+    def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
+        if cfg.privacy.enabled:
+            raise ConfigError("variant dp (DP-SGD critic) is trained by the Opacus route, not by this DeepSpeed "
+                              "trainer: DeepSpeed cannot compute per-sample gradients; see docs/privacy.md")
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
+        self.dtype = DTYPES[self.precision]
+        self.step = 0
+        self.stop_requested = False
+        self.dataset = ShardedPatchDataset(cfg.data.root, cfg.data.split, verify=cfg.data.verify)
+        if self.dataset.patch_shape != cfg.model.patch_shape:
+            raise ConfigError(f"data.root '{cfg.data.root}' holds {self.dataset.patch_shape} patches but "
+                              f"model.patch_shape is {cfg.model.patch_shape}; re-pack or fix model.patch_shape")
+        self.loader = PatchLoader(self.dataset, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
+                                  cfg.train.num_workers)
+        self.total_steps = cfg.train.max_steps or (cfg.train.epochs * self.loader.batches_per_epoch()
+                                                   // cfg.train.n_critic)
+        self.generator, self.critic = self._engines()
+        # Latents and penalty weights differ per rank (different samples) but are reproducible.
+        self.rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + env.rank)
+
+    def _engines(self):
+        import deepspeed
+
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights (and spectral-norm vectors) on all ranks
+        generator, critic = build_generator(self.cfg.model), build_critic(self.cfg.model)
+        if self.cfg.train.sync_batchnorm:
+            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        self.parameters = {"generator": count_parameters(generator), "critic": count_parameters(critic)}
+        betas = self.cfg.train.betas
+        cuda = torch.cuda.is_available()
+        engines = []
+        for model, lr, config in ((generator, self.cfg.train.lr_generator, generator_config),
+                                  (critic, self.cfg.train.lr_critic, critic_config)):
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                              config=config(self.cfg, self.env.world_size, cuda))
+            engines.append(engine)
+        for engine in engines:
+            _match_buffer_dtype(engine.module)
+        return engines
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self) -> dict | None:
+        self._prepare_run_dir()
+        resumed = self.resume()
+        metrics = MetricsLogger(self.run_dir, self.env.rank, self.env.world_size, self.total_steps,
+                                self.cfg.train.log_every)
+        self._announce(resumed)
+        self._install_stop_handler()
+        batches = (b.to(self.device, self.dtype, non_blocking=True) for b in self.loader)
+        fixed_z = torch.Generator().manual_seed(12345)
+        record, bad_run = None, 0
+        try:
+            while self.step < self.total_steps:
+                t = self.cfg.train
+                result = train_iteration(self.generator, self.critic, batches, self.rng, t.n_critic, t.gp_weight,
+                                         t.gp_mode, t.weight_clip)
+                self.step += 1
+                bad_run = 0 if result.finite else bad_run + 1
+                if bad_run and self.precision != "fp16" and bad_run >= t.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"losses were not finite for {bad_run} consecutive steps (step {self.step}, {self.precision}); "
+                        f"the last good checkpoint is kept in {self.ckpt_root}; lower the learning rates or use fp32")
+                if result.finite:
+                    metrics.add(vars(result), t.batch_size * t.n_critic)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    record = metrics.flush(self.step, self.loader.epoch, self._extra())
+                if t.image_every and self.step % t.image_every == 0:
+                    metrics.images(self.step, self.samples(4, fixed_z))
+                stop = self._agree_to_stop()
+                if stop or self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if stop:
+                    self.stop_requested = True
+                    log.warning("stop requested: checkpoint %s written, exiting for requeue", ckpt.tag_of(self.step))
+                    break
+        finally:
+            metrics.close()
+        return record
+
+    def _extra(self) -> dict:
+        return {"loss_scale_critic": loss_scale(self.critic), "loss_scale_generator": loss_scale(self.generator),
+                "skipped_steps": int(self.critic.skipped_steps + self.generator.skipped_steps),
+                "lr_critic": self.cfg.train.lr_critic, "lr_generator": self.cfg.train.lr_generator,
+                "precision": self.precision}
+
+    @torch.no_grad()
+    def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """n patches (n, 2, X, Y, Z) from the generator in eval mode (BatchNorm running statistics)."""
+        module = self.generator.module
+        module.eval()
+        try:
+            z = module.sample_latent(n, generator=rng, device=self.device, dtype=self.dtype)
+            return module(z)
+        finally:
+            module.train()
+
+    def _announce(self, resumed: str | None) -> None:
+        if self.env.rank != 0:
+            return
+        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} | world size {self.env.world_size} "
+              f"({self.env.launcher}) | {self.precision} | ZeRO G{self.cfg.train.zero_stage_generator}/"
+              f"D{self.cfg.train.zero_stage_critic} | parameters G {self.parameters['generator']:,} "
+              f"D {self.parameters['critic']:,} | {len(self.dataset)} patches "
+              f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
+              + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
+
+    # ------------------------------------------------------------------ stop requests
+
+    def _install_stop_handler(self) -> None:
+        def handler(signum, _frame):
+            log.warning("received %s: will checkpoint at the next step boundary", signal.Signals(signum).name)
+            self.stop_requested = True
+
+        for sig in STOP_SIGNALS:
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler, no requeue
+                pass
+
+    def _agree_to_stop(self) -> bool:
+        """A signal may reach ranks at different steps: stop when any rank has seen one."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _prepare_run_dir(self) -> None:
+        tag = ckpt.newest_complete(self.ckpt_root)
+        if tag:
+            saved = ckpt.read_state(self.ckpt_root / tag).get("variant")
+            if saved != self.cfg.variant:
+                raise CheckpointError(f"'{self.run_dir}' holds checkpoints of variant '{saved}', not "
+                                      f"'{self.cfg.variant}'; use another run name or remove the directory")
+        if self.env.rank == 0:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        hdist.barrier()
+
+    def save(self) -> Path:
+        """Write one checkpoint with every rank; rank 0 marks it COMPLETE after a barrier."""
+        tag = ckpt.tag_of(self.step)
+        where = self.ckpt_root / tag
+        self._average_batchnorm_buffers()
+        self.generator.save_checkpoint(str(where), tag="generator", save_latest=False)
+        self.critic.save_checkpoint(str(where), tag="critic", save_latest=False)
+        torch.save(ckpt.rng_state(self.rng), where / ckpt.rank_file(self.env.rank))
+        if self.env.rank == 0:
+            torch.save(self._buffers(), where / ckpt.BUFFERS)
+            state = {"step": self.step, "epoch": self.loader.epoch, "data": self.loader.state_dict(),
+                     "variant": self.cfg.variant, "world_size": self.env.world_size, "precision": self.precision,
+                     "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
+                     "saved": time.time()}
+            ckpt.write_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
+        hdist.barrier()
+        if self.env.rank == 0:
+            ckpt.mark_complete(self.ckpt_root, tag)
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
+        hdist.barrier()
+        return where
+
+    def resume(self) -> str | None:
+        """Load the newest COMPLETE checkpoint, if any; returns its tag."""
+        tag = ckpt.newest_complete(self.ckpt_root)
+        if tag is None:
+            return None
+        where = self.ckpt_root / tag
+        state = ckpt.read_state(where)
+        if state["world_size"] != self.env.world_size:
+            raise CheckpointError(f"checkpoint {where} was written by {state['world_size']} ranks, this job has "
+                                  f"{self.env.world_size}; resume with the same number of ranks")
+        for engine, name in ((self.generator, "generator"), (self.critic, "critic")):
+            loaded, _ = engine.load_checkpoint(str(where), tag=name, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"{where / name} could not be loaded; resume from an older checkpoint")
+        ckpt.set_rng_state(torch.load(where / ckpt.rank_file(self.env.rank), weights_only=False), self.rng)
+        self.loader.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        if self.env.rank == 0:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        return tag
+
+    def _batchnorm_layers(self):
+        return [m for m in self.generator.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def _average_batchnorm_buffers(self) -> None:
+        """Each rank's BatchNorm saw only its own batches; a checkpoint keeps the rank average."""
+        if not dist.is_initialized() or self.env.world_size == 1:
+            return
+        for layer in self._batchnorm_layers():
+            for buffer in (layer.running_mean, layer.running_var):
+                dist.all_reduce(buffer)
+                buffer /= self.env.world_size
+
+    def _buffers(self) -> dict:
+        return {name: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+                for name, b in self.generator.module.named_buffers() if "running" in name or "num_batches" in name}
+
+
+def _match_buffer_dtype(module: torch.nn.Module) -> None:
+    """DeepSpeed casts parameters to fp16/bf16 but not buffers (BatchNorm running statistics,
+    spectral-norm vectors), and batch_norm / mv refuse mixed dtypes. The consolidated file
+    stores them in fp32 again."""
+    dtype = next(module.parameters()).dtype
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from, so the loss log stays one curve."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    ckpt.write_atomic(path, "".join(line + "\n" for line in kept))
