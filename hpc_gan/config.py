@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -431,6 +432,8 @@ def _check_range(value: Any, f: dataclasses.Field, dotted: str) -> Any:
     for item in value if isinstance(value, tuple) else (value,):
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             continue
+        if not math.isfinite(item):
+            raise ConfigError(f"{dotted}={_show(value)} is not a finite number")
         if lo is not None and item < lo:
             raise ConfigError(f"{dotted}={_show(value)} is out of range: must be >= {lo}")
         if hi is not None and item > hi:

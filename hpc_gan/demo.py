@@ -1,21 +1,26 @@
 """``make demo``: the main job end to end on the embedded default, on this machine's CPU.
 
-Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> summary.
-Everything goes to ``demo_out/`` and is replaced on every run.
+Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> the ``sn``
+variant's smoke profile trained on 2 local ranks (torchrun, gloo, fp32) -> consolidated
+generator. Everything goes to ``demo_out/`` and is replaced on every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hpc_gan.config import load_config, save_config
+from hpc_gan.dist import free_port
 from hpc_gan.data import pack as packing
 from hpc_gan.data.cli_pack import summary
-from hpc_gan.data.dataset import ShardedPatchDataset
 from hpc_gan.data.patches import SamplingPlan
 from hpc_gan.data.phantom import write_phantom_dataset
 from hpc_gan.errors import HpcGanError
@@ -28,29 +33,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="demo_out", help="output directory (replaced)")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=2, help="training processes")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    cfg = load_config("sn_mp", profile="smoke", overrides=[f"data.root={out / 'shards'}", f"output_root={out / 'runs'}",
-                                                              "name=demo"])
+    cfg = load_config("sn", profile="smoke", overrides=[
+        f"data.root={out / 'shards'}", f"output_root={out / 'runs'}", "name=demo", f"train.max_steps={args.steps}",
+        "train.log_every=50", "train.checkpoint_every=100", "data.verify=full"])
     started = time.perf_counter()
-    log.info("1/2 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
+    ids = make_data(args, cfg, out)
+    train(cfg, args.ranks)
+    generator_file = consolidate_run(cfg)
+    print_summary(cfg, out, ids, generator_file, time.perf_counter() - started)
+
+
+def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
+    log.info("1/4 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
     ids = write_phantom_dataset(out / "phantoms", args.subjects, seed=0, workers=args.workers, overwrite=True)
-    log.info("2/2 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
+    log.info("2/4 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
     subjects = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
     splits = packing.assign_splits(ids, (0.75, 0.125, 0.125), seed=0)
     manifest = packing.pack(subjects, splits, cfg.data.root, SamplingPlan(cfg.model.patch_shape, (3, 3, 2), 32, 0),
                             workers=args.workers, overwrite=True, progress=False)
-    dataset = ShardedPatchDataset(cfg.data.root, "train", verify="full")
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    print(summary(manifest))
-    print(f"first training patch: {tuple(dataset[0].shape)} float tensor, image in "
-          f"[{float(dataset[0][0].min()):.2f}, {float(dataset[0][0].max()):.2f}]")
-    print(f"phantom MIP picture: {out / 'phantoms' / f'mip_{ids[0]}.png'}")
-    print(f"resolved run config: {cfg.run_dir / 'config.yaml'}")
-    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    print(summary(manifest), flush=True)
+    return ids
+
+
+def train(cfg, ranks: int) -> None:
+    """Train in fresh processes, as on a cluster (the run directory is replaced, not resumed)."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    config_file = cfg.run_dir / "config.yaml"
+    save_config(cfg, config_file)
+    log.info("3/4 training %s (%s profile) for %d steps on %d local ranks", cfg.variant, cfg.profile,
+             cfg.train.max_steps, ranks)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
+           "-m", "hpc_gan.train", "--config", str(config_file)]
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(("hpc_gan train:", "step ", "error:")):
+            print(line, flush=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stdout.splitlines()[-30:])
+        raise RuntimeError(f"training failed (exit {done.returncode}); its last lines:\n{tail}")
+
+
+def consolidate_run(cfg) -> Path:
+    from hpc_gan.train.consolidate import consolidate
+
+    log.info("4/4 consolidating the generator's ZeRO shards")
+    return consolidate(cfg.run_dir)
+
+
+def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, seconds: float) -> None:
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
+          f"{first['wasserstein']:.3f} -> {last['wasserstein']:.3f} over {last['step']} steps")
+    print(f"phantom MIP picture:    {out / 'phantoms' / f'mip_{ids[0]}.png'}")
+    print(f"shards and manifest:    {cfg.data.root}")
+    print(f"run directory:          {cfg.run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
+    print(f"consolidated generator: {generator_file}")
+    print(f"demo finished in {seconds:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -435,3 +435,13 @@ def is_rank0() -> bool:
 
         return torch_dist.get_rank() == 0
     return detect().rank == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on this machine, for a launcher's rendezvous (torchrun needs
+    a real port: with 0 each rank would pick its own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -78,13 +78,12 @@ def smoke_shards(tmp_path_factory) -> Path:
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600):
     """Run a script under torchrun with a free port; returns the CompletedProcess."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from hpc_gan.dist import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
                                                                      "SLURM_", "PMI_", "OMPI_"))}
     env["DS_ACCELERATOR"] = "cpu"

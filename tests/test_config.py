@@ -59,6 +59,8 @@ def test_tuple_override_forms():
     ("model.patch_shape=40,64,32", ["model.patch_shape", "not divisible by 16"]),
     ("train.betas=0.5,1.5", ["train.betas", "<= 1"]),
     ("train", ["not of the form section.key=value"]),
+    ("train.lr_critic=nan", ["train.lr_critic", "not a finite number"]),
+    ("train.gp_weight=.inf", ["train.gp_weight", "not a finite number"]),
 ])
 def test_bad_values_name_the_field(override, words):
     with pytest.raises(ConfigError) as info:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -272,11 +271,6 @@ td.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _clean_env() -> dict[str, str]:
     """This environment minus any launcher's variables (the test may itself run under one)."""
@@ -308,7 +302,7 @@ def test_two_ranks_under_mpiexec(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = _clean_env()
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(dist.free_port())
     _run_two_ranks([str(mpiexec), "-n", "2", sys.executable, str(script)], env)
 
 
@@ -318,5 +312,5 @@ def test_two_ranks_under_torchrun(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+               "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()), str(script)]
     _run_two_ranks(command, _clean_env())

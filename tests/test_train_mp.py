@@ -24,7 +24,7 @@ SCRIPT = str(Path(__file__).parent / "mp" / "train_scenarios.py")
 @pytest.fixture(scope="module")
 def report(smoke_shards, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("train_mp")
-    done = torchrun(SCRIPT, str(smoke_shards), str(work), "matrix,resume,sn_sync,parity,consolidation")
+    done = torchrun(SCRIPT, str(smoke_shards), str(work), "matrix,resume,sn_sync,parity,consolidation,nonfinite,stop_signal")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads((work / "report.json").read_text())
 
@@ -90,3 +90,16 @@ def test_consolidated_file_loads_weights_only_and_rejects_damage(report, tmp_pat
     (tmp_path / (path.name + ".sha256")).write_text((path.parent / (path.name + ".sha256")).read_text())
     with pytest.raises(CheckpointError, match="does not match its checksum"):
         load_generator(copy)
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(report):
+    result = report["nonfinite"]
+    assert "not finite for 3 consecutive steps" in result["message"] and result["step"] == 5
+    assert result["complete"] == ["step-00000002"] and result["latest"] == "step-00000002"
+
+
+def test_stop_signal_on_one_rank_stops_all_at_one_step_with_a_checkpoint(report):
+    ranks = report["stop_signal"]["ranks"]
+    assert ranks[0] == ranks[1] and ranks[0][1] is True   # same step, both know they must requeue
+    assert report["stop_signal"]["latest"] == f"step-{ranks[0][0]:08d}"
+    assert ranks[0][0] < 20

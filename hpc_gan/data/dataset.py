@@ -81,11 +81,12 @@ class ShardedPatchDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         shard, row = self.locate(int(index))
         f = self._file(shard)
-        channels = [torch.from_numpy(f["image"][row]),                      # (X, Y, Z) float32
-                    torch.from_numpy(f["label"][row].astype(np.float32))]
-        if self.with_mask:
-            channels.append(torch.from_numpy(f["mask"][row].astype(np.float32)))
-        return torch.stack(channels)                                        # (2 or 3, X, Y, Z)
+        names = ("image", "label", "mask") if self.with_mask else ("image", "label")
+        out = torch.empty((len(names), *self.patch_shape), dtype=torch.float32)  # (2 or 3, X, Y, Z)
+        f["image"].read_direct(out[0].numpy(), np.s_[row])  # decode straight into the output, no copy
+        for channel, name in enumerate(names[1:], start=1):
+            out[channel].copy_(torch.from_numpy(f[name][row]))              # uint8 -> float32
+        return out
 
     def subject_of(self, index: int) -> str:
         shard, row = self.locate(int(index))

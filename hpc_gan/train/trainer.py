@@ -54,6 +54,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
         self.dtype = DTYPES[self.precision]
         self.step = 0
+        self.nonfinite_steps = 0
         self.stop_requested = False
         self.dataset = ShardedPatchDataset(cfg.data.root, cfg.data.split, verify=cfg.data.verify)
         if self.dataset.patch_shape != cfg.model.patch_shape:
@@ -107,6 +108,7 @@ class Trainer:
                                          t.gp_mode, t.weight_clip)
                 self.step += 1
                 bad_run = 0 if result.finite else bad_run + 1
+                self.nonfinite_steps += not result.finite
                 if bad_run and self.precision != "fp16" and bad_run >= t.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"losses were not finite for {bad_run} consecutive steps (step {self.step}, {self.precision}); "
@@ -118,7 +120,8 @@ class Trainer:
                 if t.image_every and self.step % t.image_every == 0:
                     metrics.images(self.step, self.samples(4, fixed_z))
                 stop = self._agree_to_stop()
-                if stop or self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                periodic = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
+                if stop or (periodic and not bad_run):  # never checkpoint inside a non-finite streak
                     self.save()
                 if stop:
                     self.stop_requested = True
@@ -131,6 +134,7 @@ class Trainer:
     def _extra(self) -> dict:
         return {"loss_scale_critic": loss_scale(self.critic), "loss_scale_generator": loss_scale(self.generator),
                 "skipped_steps": int(self.critic.skipped_steps + self.generator.skipped_steps),
+                "nonfinite_steps": self.nonfinite_steps,
                 "lr_critic": self.cfg.train.lr_critic, "lr_generator": self.cfg.train.lr_generator,
                 "precision": self.precision}
 

@@ -202,7 +202,66 @@ def _reference_iteration(g, d, opt_g, opt_d, batches, rngs, gp_weight) -> tuple[
     return loss_d.item(), loss_g.item()
 
 
-SCENARIOS = {"matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
+def _patched_iteration(after_each):
+    """Wrap the trainer's iteration; ``after_each(step, result)`` may change the result."""
+    real_iteration = trainer_module.train_iteration
+    count = {"step": 0}
+
+    def wrapped(*args, **kwargs):
+        result = real_iteration(*args, **kwargs)
+        count["step"] += 1
+        return after_each(count["step"], result)
+
+    return real_iteration, wrapped
+
+
+def nonfinite(data, work) -> dict:
+    """bf16/fp32: N consecutive non-finite losses stop the run; the last good checkpoint stays."""
+    def poison(step, result):
+        if step >= 3:
+            result.finite = False
+        return result
+
+    real_iteration, trainer_module.train_iteration = _patched_iteration(poison)
+    t = make_trainer(data, work / "nonfinite", train__max_steps=20, train__checkpoint_every=2,
+                     train__max_nonfinite_steps=3)
+    try:
+        t.fit()
+        message = ""
+    except trainer_module.NonFiniteLossError as exc:
+        message = str(exc)
+    finally:
+        trainer_module.train_iteration = real_iteration
+    from hpc_gan.train import checkpoint as ckpt
+
+    return {"message": message, "step": t.step, "complete": ckpt.complete_tags(t.ckpt_root),
+            "latest": ckpt.newest_complete(t.ckpt_root)}
+
+
+def stop_signal(data, work) -> dict:
+    """A stop signal on one rank: all ranks stop at the same step boundary after one checkpoint."""
+    import os
+    import signal
+
+    def signal_rank1(step, result):
+        if step == 2 and ENV.rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return result
+
+    real_iteration, trainer_module.train_iteration = _patched_iteration(signal_rank1)
+    try:
+        t = make_trainer(data, work / "stop", train__max_steps=20)
+        t.fit()
+    finally:
+        trainer_module.train_iteration = real_iteration
+    from hpc_gan.train import checkpoint as ckpt
+
+    steps = [None] * ENV.world_size
+    dist.all_gather_object(steps, (t.step, t.stop_requested))
+    return {"ranks": steps, "latest": ckpt.newest_complete(t.ckpt_root)}
+
+
+SCENARIOS = {"nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
              "parity": parity}
 
 
