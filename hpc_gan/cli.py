@@ -19,6 +19,7 @@ COMMANDS = {
     "make-phantoms": ("hpc_gan.data.cli_phantoms", "write seeded phantom TOF-MRA volumes as NIfTI"),
     "pack": ("hpc_gan.data.cli_pack", "pack NIfTI volumes into sharded HDF5 patches"),
     "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
+    "submit": ("hpc_gan.launch.submit", "submit training jobs (one SLURM array task per variant, or local)"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
 }
 EXIT_USER_ERROR = 2

@@ -38,3 +38,14 @@ def fractions3(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"'{text}' has {len(values)} values; give train,val,test like 0.8,0.1,0.1")
     return values
+
+
+def positive_int(text: str) -> int:
+    """'4' -> 4; 0, negatives and non-numbers are refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

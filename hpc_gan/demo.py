@@ -1,8 +1,9 @@
 """``make demo``: the main job end to end on the embedded default, on this machine's CPU.
 
 Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> the ``sn``
-variant's smoke profile trained on 2 local ranks (torchrun, gloo, fp32) -> consolidated
-generator. Everything goes to ``demo_out/`` and is replaced on every run.
+variant's smoke profile trained on 2 local ranks (gloo, fp32) -> consolidated
+generator. Training is submitted like a user would (``launch/submit.py --cluster local``:
+submitit's local executor). Everything goes to ``demo_out/`` and is replaced on every run.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hpc_gan.config import load_config, save_config
-from hpc_gan.dist import free_port
 from hpc_gan.data import pack as packing
 from hpc_gan.data.cli_pack import summary
 from hpc_gan.data.patches import SamplingPlan
@@ -45,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
         "train.log_every=50", "train.checkpoint_every=100", "data.verify=full"])
     started = time.perf_counter()
     ids = make_data(args, cfg, out)
-    train(cfg, args.ranks)
+    train(cfg, args.ranks, args.steps)
     generator_file = consolidate_run(cfg)
     print_summary(cfg, out, ids, generator_file, time.perf_counter() - started)
 
@@ -62,23 +59,29 @@ def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
     return ids
 
 
-def train(cfg, ranks: int) -> None:
-    """Train in fresh processes, as on a cluster (the run directory is replaced, not resumed)."""
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    config_file = cfg.run_dir / "config.yaml"
-    save_config(cfg, config_file)
-    log.info("3/4 training %s (%s profile) for %d steps on %d local ranks", cfg.variant, cfg.profile,
+def train(cfg, ranks: int, steps: int) -> None:
+    """Submit the training as a user would (launch/submit.py --cluster local), and wait for it."""
+    from hpc_gan.cli import main as hpc_gan_main
+
+    log.info("3/4 training %s (%s profile) for %d steps on %d local ranks via submitit", cfg.variant, cfg.profile,
              cfg.train.max_steps, ranks)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-           "-m", "hpc_gan.train", "--config", str(config_file)]
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith(("hpc_gan train:", "step ", "error:")):
-            print(line, flush=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stdout.splitlines()[-30:])
-        raise RuntimeError(f"training failed (exit {done.returncode}); its last lines:\n{tail}")
+    code = hpc_gan_main(["submit", "--variant", cfg.variant, "--profile", cfg.profile, "--cluster", "local",
+                         "--tasks-per-node", str(ranks), "--name", cfg.name, "--overwrite", "--wait",
+                         *[arg for key in DEMO_SETS for arg in ("--set", f"{key}={_value(cfg, key)}")]])
+    jobs = json.loads((cfg.run_dir.parent / "jobs.json").read_text())["jobs"]
+    for row in Path(jobs[cfg.variant]["stdout"]).read_text().splitlines():
+        if row.startswith(("hpc_gan train:", "step ")):
+            print(f"  {row}")
+    if code != 0:
+        raise RuntimeError(f"training failed; see the logs under {cfg.run_dir.parent / 'logs'}")
+
+
+DEMO_SETS = ("data.root", "output_root", "train.max_steps", "train.log_every", "train.checkpoint_every", "data.verify")
+
+
+def _value(cfg, dotted: str):
+    section, _, key = dotted.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, key)
 
 
 def consolidate_run(cfg) -> Path:

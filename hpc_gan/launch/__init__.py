@@ -1,0 +1,1 @@
+"""Submitting, monitoring and pulling training jobs (SLURM through submitit, or local)."""

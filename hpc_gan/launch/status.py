@@ -1,0 +1,486 @@
+"""``launch/status.py`` (``hpc_gan status``): one row per variant of an experiment.
+
+    python launch/status.py runs/exp1                 # table: state, step, losses, ETA, checkpoint, error
+    python launch/status.py runs/exp1 --watch 30      # redraw every 30 s until every job has finished
+    python launch/status.py runs/exp1/c_sn_mp --json  # one run directory, as JSON
+
+The target is an experiment directory (``jobs.json`` written by ``launch/submit.py``, one run
+directory per variant), a directory of run directories without ``jobs.json`` (shown without job
+state), or one run directory (with its job's state when the ``jobs.json`` above it lists it).
+
+Job state. SLURM: ``squeue`` first (it knows queued and running jobs, sacct may lag behind),
+``sacct`` once the job has left the queue; only the job's own line counts, not its ``.batch``,
+``.extern`` or step lines. Local jobs (``--cluster local``) have no scheduler to ask: COMPLETED
+when the newest complete checkpoint is the last step, RUNNING while metrics keep arriving,
+UNKNOWN otherwise.
+
+Error line of a job's stderr log (:func:`error_line`), scanning lines in order, the first match wins:
+
+1. a line containing ``Traceback (most recent call last):`` -> the exception line that ends the
+   traceback: the first non-empty line after it that is not indented. When the traceback is
+   followed by "During handling of the above exception..." or "The above exception was the direct
+   cause..." the chained traceback is followed and its exception line is taken (the one that
+   killed the job). Text before ``Traceback`` on its line (``[rank0]: ``, ``0: ``) is a prefix:
+   only lines carrying it belong to the traceback (other ranks' lines interleave). A log that ends
+   inside the traceback gives the ``Traceback`` line itself.
+2. a line containing ``error:`` in any case (``srun: error: ...``, ``slurmstepd: error: ... DUE TO
+   TIME LIMIT``, this project's ``error: ...``) -> that line.
+3. a line whose first word is a Python exception name followed by ``:`` or nothing
+   (``RuntimeError: CUDA out of memory``, ``torch.OutOfMemoryError``) -> that line.
+
+Lines are returned stripped of surrounding white space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TextIO
+
+from hpc_gan.cli_types import positive_int
+from hpc_gan.errors import LaunchError
+from hpc_gan.launch.submit import JOBS_FILE
+from hpc_gan.train import checkpoint as ckpt
+
+# States after which a job does not come back by itself (REQUEUED and REQUEUE_HOLD do).
+FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                      "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+TOOL_TIMEOUT_S = 60  # slurmdbd can hang; a status tool must not
+LOCAL_RECENT_S = 600  # a local run whose last metrics record is older than this (and 3 intervals) is not RUNNING
+DEFAULT_WATCH_S = 30
+TRACEBACK = "Traceback (most recent call last):"
+CHAINED = ("During handling of the above exception, another exception occurred:",
+           "The above exception was the direct cause of the following exception:")
+ERROR_WORD = re.compile(r"\berror:", re.IGNORECASE)
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(:|$)")
+RUN_DIR_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+Runner = Callable[[list[str]], str]
+
+
+@dataclass
+class Row:
+    """What the table shows for one variant; ``state`` is None for a run shown without its job."""
+
+    variant: str
+    run_dir: str
+    job_id: str | None = None
+    state: str | None = None
+    elapsed: str = ""
+    nodes: int | None = None
+    node_list: str = ""
+    exit_code: str = ""
+    step: int | None = None
+    total_steps: int | None = None
+    loss_critic: float | None = None
+    loss_generator: float | None = None
+    patches_per_s: float | None = None
+    loss_scale_critic: float | None = None
+    loss_scale_generator: float | None = None
+    precision: str | None = None
+    eta_s: float | None = None
+    checkpoint: str | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- SLURM
+
+
+def run_tool(argv: list[str]) -> str:
+    """Run a SLURM client and return its stdout: the one subprocess boundary (tests replace it).
+
+    Raises:
+        FileNotFoundError: the tool is not installed.
+        subprocess.CalledProcessError: non-zero exit (squeue: the job has left the queue).
+        subprocess.TimeoutExpired: no answer within TOOL_TIMEOUT_S.
+    """
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=TOOL_TIMEOUT_S).stdout
+
+
+def normalise_state(text: str) -> str:
+    """'CANCELLED by 0' -> 'CANCELLED'; sacct marks truncated fields with '+'."""
+    words = text.split()
+    return words[0].rstrip("+").upper() if words else "UNKNOWN"
+
+
+def squeue_state(job_id: str, runner: Runner) -> dict | None:
+    """State, elapsed time and nodes from squeue, or None when squeue does not know the job."""
+    try:
+        out = runner(["squeue", "-j", job_id, "-h", "-o", "%T|%M|%N"])
+    except (OSError, subprocess.SubprocessError):  # not installed, or "Invalid job id" once the job has left
+        return None
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3 and fields[0]:
+            return {"state": normalise_state(fields[0]), "elapsed": fields[1], "node_list": fields[2]}
+    return None
+
+
+def sacct_job_fields(output: str, job_id: str) -> list[str] | None:
+    """The fields of the job's own line in ``sacct -P -n`` output.
+
+    sacct lists the job's steps too (``123_0.batch``, ``123_0.extern``, ``123_0.0``), whose states
+    differ from the job's (the batch step of a cancelled job may say FAILED). A pending array task
+    is listed under its array's pattern (``123_[0-3]``) until it starts, hence the fallback to any
+    line that is not a step. The last match is the newest record of a requeued job.
+    """
+    rows = [line.strip().split("|") for line in output.splitlines() if line.strip()]
+    jobs = [fields for fields in rows if len(fields) >= 5 and "." not in fields[0]]
+    chosen = [fields for fields in jobs if fields[0] == job_id] or jobs
+    return chosen[-1] if chosen else None
+
+
+def sacct_state(job_id: str, runner: Runner) -> dict:
+    """State, elapsed time, nodes and exit code from sacct; state 'UNKNOWN (...)' when it cannot say."""
+    argv = ["sacct", "-j", job_id, "--format=JobID,State,Elapsed,NodeList,ExitCode", "-P", "-n"]
+    try:
+        out = runner(argv)
+    except FileNotFoundError:
+        return {"state": "UNKNOWN (no sacct)"}
+    except subprocess.SubprocessError:  # slurmdbd down or slow
+        return {"state": "UNKNOWN (sacct failed)"}
+    fields = sacct_job_fields(out, job_id)
+    if fields is None:
+        return {"state": "UNKNOWN (not in sacct)"}
+    return {"state": normalise_state(fields[1]), "elapsed": fields[2], "node_list": fields[3], "exit_code": fields[4]}
+
+
+def slurm_state(job_id: str, runner: Runner = run_tool) -> dict:
+    """The job's state: squeue while it knows the job, else sacct.
+
+    Args:
+        job_id: SLURM job id, e.g. ``123`` or an array task ``123_0``.
+        runner: runs one argv and returns stdout (see :func:`run_tool`).
+
+    Returns:
+        dict with ``state`` (e.g. RUNNING, PENDING, CANCELLED, "UNKNOWN (no sacct)") and, when known,
+        ``elapsed``, ``node_list``, ``exit_code``.
+    """
+    return squeue_state(job_id, runner) or sacct_state(job_id, runner)
+
+
+# ------------------------------------------------------------------------------------ error line
+
+
+def error_line(lines: Iterable[str]) -> str | None:
+    """The first error of a log, by the rule in this module's docstring; None if there is none.
+
+    Args:
+        lines: the log's lines (with or without newlines).
+
+    Returns:
+        One stripped line, e.g. ``RuntimeError: CUDA out of memory``.
+    """
+    stream = iter(lines)
+    for line in stream:
+        text = line.rstrip("\n")
+        if TRACEBACK in text:
+            return traceback_exception(text[:text.index(TRACEBACK)], stream) or text.strip()
+        stripped = text.strip()
+        if ERROR_WORD.search(stripped) or EXCEPTION_LINE.match(stripped):
+            return stripped
+    return None
+
+
+def traceback_exception(prefix: str, stream: Iterator[str]) -> str | None:
+    """Read one traceback (and those chained after it) just past its ``Traceback`` line; return the
+    last exception line, or None if the lines end before one."""
+    exception, phase = None, "frames"
+    for line in stream:
+        if not line.startswith(prefix):  # another rank's line in between
+            continue
+        body = line[len(prefix):].rstrip("\n")
+        if not body.strip():
+            continue
+        if phase == "frames":
+            if not body[0].isspace():
+                exception, phase = body.strip(), "after"
+        elif phase == "after":
+            if body.strip() not in CHAINED:
+                return exception
+            phase = "chain"
+        elif TRACEBACK in body:  # phase "chain": the chained traceback starts
+            phase = "frames"
+        else:
+            return exception
+    return exception
+
+
+def log_error(path: str | None, experiment: Path) -> str | None:
+    """The error line of a job's stderr log; the log may not exist yet (job pending)."""
+    if not path:
+        return None
+    log = Path(path)
+    if not log.is_file():  # jobs.json written with a relative log_dir, read from elsewhere
+        log = experiment / "logs" / log.name
+    if not log.is_file():
+        return None
+    with log.open(errors="replace") as handle:
+        return error_line(handle)
+
+
+# ------------------------------------------------------------------------------- run directories
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_DIR_MARKERS)
+
+
+def last_records(path: Path, n: int = 2, tail_bytes: int = 1 << 16) -> list[dict]:
+    """The last ``n`` records of metrics.jsonl, reading only its tail (the file grows for days).
+    Lines that do not parse are skipped: rank 0 may be writing the last one right now."""
+    if not path.is_file():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(max(handle.seek(0, 2) - tail_bytes, 0))
+        lines = handle.read().decode(errors="replace").splitlines()
+    records = []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.insert(0, record)
+        if len(records) == n:
+            break
+    return records
+
+
+def configured_steps(run_dir: Path) -> int | None:
+    """train.max_steps of the run's config.yaml. Read as plain YAML rather than validated: status
+    must keep working on runs written by older versions of the config schema."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        steps = data["train"]["max_steps"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def tag_step(tag: str | None) -> int | None:
+    match = re.search(r"(\d+)$", tag or "")
+    return int(match.group(1)) if match else None
+
+
+def eta_seconds(records: list[dict], total: int | None) -> float | None:
+    """Remaining steps at the step rate between the last two metrics records."""
+    if len(records) < 2 or total is None:
+        return None
+    (a, b) = records[-2:]
+    steps, seconds = b["step"] - a["step"], b.get("time", 0) - a.get("time", 0)
+    if steps <= 0 or seconds <= 0:
+        return None
+    return max(total - b["step"], 0) * seconds / steps
+
+
+def fill_progress(row: Row, run_dir: Path) -> list[dict]:
+    """Step, losses, throughput, loss scales, ETA and checkpoint of a run; returns the last records."""
+    records = last_records(run_dir / "metrics.jsonl")
+    row.total_steps = row.total_steps or configured_steps(run_dir)
+    row.checkpoint = ckpt.newest_complete(run_dir / "checkpoints")
+    if records:
+        last = records[-1]
+        row.step = last["step"]
+        for key in ("loss_critic", "loss_generator", "patches_per_s", "loss_scale_critic", "loss_scale_generator",
+                    "precision"):
+            setattr(row, key, last.get(key))
+    row.eta_s = eta_seconds(records, row.total_steps)
+    return records
+
+
+def is_complete(row: Row) -> bool:
+    """The newest complete checkpoint is the run's last step."""
+    return row.total_steps is not None and tag_step(row.checkpoint) == row.total_steps
+
+
+def local_state(row: Row, records: list[dict], now: float) -> str:
+    if is_complete(row):
+        return "COMPLETED"
+    if records:
+        last = records[-1].get("time", 0.0)
+        interval = last - records[0].get("time", 0.0)
+        if now - last <= max(LOCAL_RECENT_S, 3 * interval):
+            return "RUNNING"
+    return "UNKNOWN"
+
+
+def is_finished(row: Row) -> bool:
+    """A known job state decides; without one (no SLURM answer, a bare run directory) the last
+    checkpoint does."""
+    if row.state and not row.state.startswith("UNKNOWN"):
+        return row.state in FINISHED
+    return is_complete(row)
+
+
+def build_row(variant: str, run_dir: Path, job: dict | None, cluster: str, experiment: Path, runner: Runner,
+              now: float) -> Row:
+    row = Row(variant, str(run_dir))
+    if job:
+        row.job_id, row.nodes, row.total_steps = str(job.get("job_id", "")), job.get("nodes"), job.get("total_steps")
+    records = fill_progress(row, run_dir)
+    if job:
+        if cluster == "local":
+            row.state = local_state(row, records, now)
+        else:
+            for key, value in slurm_state(row.job_id, runner).items():
+                setattr(row, key, value)
+        row.error = log_error(job.get("stderr"), experiment)
+    if is_finished(row):
+        row.eta_s = None
+    return row
+
+
+# ----------------------------------------------------------------------------------- experiments
+
+
+def read_jobs(experiment: Path) -> dict:
+    """jobs.json of an experiment; LaunchError if it is not one written by launch/submit.py."""
+    path = experiment / JOBS_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LaunchError(f"cannot read '{path}' ({exc.__class__.__name__}: {exc}); it is written by "
+                          "launch/submit.py") from None
+    if not isinstance(record, dict) or not isinstance(record.get("jobs"), dict):
+        raise LaunchError(f"'{path}' has no 'jobs' mapping; it is not a jobs file written by launch/submit.py")
+    return record
+
+
+def collect(target: str | Path, runner: Runner = run_tool, now: float | None = None) -> list[Row]:
+    """One row per variant of an experiment directory, or one row for a run directory.
+
+    Args:
+        target: experiment directory (holding jobs.json, or run directories) or one run directory.
+        runner: runs squeue/sacct (see :func:`run_tool`).
+        now: the time to judge local runs by (default: now).
+
+    Returns:
+        Rows in jobs.json order (sorted by variant without jobs.json).
+
+    Raises:
+        LaunchError: the path does not exist, or is neither an experiment nor a run directory.
+    """
+    path, now = Path(target), time.time() if now is None else now
+    if not path.exists():
+        raise LaunchError(f"'{target}' does not exist; pass an experiment directory (holding {JOBS_FILE}) "
+                          "or a run directory")
+    if (path / JOBS_FILE).is_file():
+        record = read_jobs(path)
+        # Prefer the variant's directory beside jobs.json: recorded paths may be relative or stale.
+        return [build_row(variant, path / variant if (path / variant).is_dir() else Path(job.get("run_dir", "")),
+                          job, record.get("cluster", "slurm"), path, runner, now)
+                for variant, job in record["jobs"].items()]
+    if is_run_dir(path):
+        record = read_jobs(path.parent) if (path.parent / JOBS_FILE).is_file() else {"jobs": {}}
+        return [build_row(path.name, path, record["jobs"].get(path.name), record.get("cluster", "slurm"),
+                          path.parent, runner, now)]
+    children = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
+    if not children:
+        raise LaunchError(f"'{target}' is neither an experiment directory (no {JOBS_FILE}, no run directories "
+                          f"inside) nor a run directory (no {', '.join(RUN_DIR_MARKERS)})")
+    return [build_row(child.name, child, None, "", path, runner, now) for child in children]
+
+
+# --------------------------------------------------------------------------------------- display
+
+
+COLUMNS = ("VARIANT", "STATE", "JOB", "NODES", "ELAPSED", "STEP", "LOSS D", "LOSS G", "PATCH/S", "SCALE D/G",
+           "ETA", "CHECKPOINT")
+
+
+def duration(seconds: float | None) -> str:
+    """3725 -> '1h02m'; None -> '-'."""
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    steps = "-" if row.step is None and row.total_steps is None else f"{number(row.step, 'd')}/{row.total_steps or '?'}"
+    # Loss scales mean something only under fp16 dynamic loss scaling (1.0 otherwise).
+    scale = (f"{number(row.loss_scale_critic, 'g')}/{number(row.loss_scale_generator, 'g')}"
+             if row.precision == "fp16" else "-")
+    nodes = " ".join(str(part) for part in (row.nodes, row.node_list) if part not in (None, "")) or "-"
+    return (row.variant, row.state or "-", row.job_id or "-", nodes, row.elapsed or "-", steps,
+            number(row.loss_critic, ".4f"), number(row.loss_generator, ".4f"), number(row.patches_per_s, ".1f"),
+            scale, duration(row.eta_s), row.checkpoint or "-")
+
+
+def render(rows: list[Row]) -> str:
+    """The table, with each row's error line under it."""
+    table = [COLUMNS] + [cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(table[0], widths)).rstrip()]
+    for row, line in zip(rows, table[1:]):
+        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        if row.error:
+            out.append(f"    {row.error}")
+    return "\n".join(out)
+
+
+def show(rows: list[Row], as_json: bool, out: TextIO, watching: bool = False) -> None:
+    if as_json:  # one document per refresh when watching, so a reader can parse line by line
+        out.write(json.dumps([asdict(row) for row in rows], indent=None if watching else 1) + "\n")
+    else:
+        if watching and out.isatty():
+            out.write("\033[H\033[J")  # clear the screen, cursor home
+        out.write(render(rows) + "\n")
+    out.flush()
+
+
+def watch(target: str | Path, interval: float, as_json: bool = False, runner: Runner = run_tool,
+          out: TextIO = sys.stdout, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Redraw every ``interval`` seconds until every row :func:`is_finished` or Ctrl-C.
+
+    Returns:
+        0 (Ctrl-C is the normal way to stop watching unfinished runs).
+
+    Raises:
+        LaunchError: as :func:`collect`.
+    """
+    try:
+        while True:
+            rows = collect(target, runner)
+            if not as_json:
+                out.write(f"{target} at {time.strftime('%H:%M:%S')} (every {interval:g} s, Ctrl-C to stop)\n")
+            show(rows, as_json, out, watching=True)
+            if all(is_finished(row) for row in rows):
+                return 0
+            sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help=f"experiment directory (holding {JOBS_FILE}) or one run directory")
+    parser.add_argument("--watch", nargs="?", type=positive_int, const=DEFAULT_WATCH_S, metavar="SECONDS",
+                        help=f"redraw every SECONDS (default {DEFAULT_WATCH_S}) until all jobs have finished")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch(args.target, args.watch, args.json)
+    show(collect(args.target), args.json, sys.stdout)
+    return 0

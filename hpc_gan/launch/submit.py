@@ -1,0 +1,247 @@
+"""``launch/submit.py``: one submitit array, one task per variant, each a multi-node DeepSpeed job.
+
+    python launch/submit.py --variant c_sn_mp --nodes 4 --gpus-per-node 4 --time 1440
+    python launch/submit.py --variant gp,sn,sn_mp,c_sn_mp --profile smoke --cluster local
+    python launch/submit.py --variant all --dry-run
+
+Everything is checked before anything is submitted: the configs of all variants, the data
+manifest, fp16 without GPUs, the run directories (a run directory that already holds
+checkpoints is refused unless ``--resume`` or ``--overwrite``). The experiment directory
+``<output_root>/<name>/`` gets one run directory per variant (with its resolved config.yaml),
+the submitit logs under ``logs/`` and ``jobs.json`` (job ids, log paths) that
+``launch/status.py`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_gan import config as config_mod
+from hpc_gan.cli_types import positive_int
+from hpc_gan.data.manifest import load_manifest
+from hpc_gan.errors import LaunchError
+from hpc_gan.launch.slurm_params import slurm_parameters
+from hpc_gan.train import checkpoint as ckpt
+
+JOBS_FILE = "jobs.json"
+
+
+@dataclass
+class PlannedRun:
+    variant: str
+    cfg: config_mod.RunConfig
+    config_file: Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", required=True, help="one variant, several comma-separated, or 'all'")
+    parser.add_argument("--nodes", type=positive_int, help="nodes per job")
+    parser.add_argument("--gpus-per-node", type=positive_int, help="GPUs per node (one rank per GPU)")
+    parser.add_argument("--tasks-per-node", type=positive_int, help="ranks per node on CPU clusters")
+    parser.add_argument("--time", type=positive_int, help="time limit per job in minutes (requeued when it expires)")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--mem", type=positive_int, help="memory per node in GB")
+    parser.add_argument("--profile", help="profile applied on top of each variant, e.g. smoke")
+    parser.add_argument("--cluster-config", help="cluster settings file (configs/clusters)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--name", help="experiment name (default: the config's name)")
+    parser.add_argument("--cluster", choices=("slurm", "local", "auto"), default="auto",
+                        help="slurm, local (this machine, submitit's local executor), auto: slurm when sbatch exists")
+    parser.add_argument("--resume", action="store_true", help="continue runs that already hold checkpoints")
+    parser.add_argument("--overwrite", action="store_true", help="delete existing run directories first")
+    parser.add_argument("--dry-run", action="store_true", help="print configs and the sbatch script, submit nothing")
+    parser.add_argument("--wait", action="store_true", help="wait until every job has finished")
+
+
+def run(args: argparse.Namespace) -> int:
+    cluster = resolve_cluster(args.cluster)
+    runs = plan_runs(args, cluster)
+    if args.dry_run:
+        print_dry_run(runs, cluster)
+        return 0
+    check_run_dirs(runs, args.resume, args.overwrite)
+    return submit(runs, cluster, args.wait, args.overwrite)
+
+
+def resolve_cluster(choice: str) -> str:
+    if choice == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if choice == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("--cluster slurm but no 'sbatch' on this machine; run on a login node or use --cluster local")
+    return choice
+
+
+def variants_of(text: str) -> list[str]:
+    valid = config_mod.available("variants")
+    names = valid if text == "all" else [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise LaunchError(f"--variant is empty; valid variants: {', '.join(valid)}")
+    if len(set(names)) != len(names):
+        raise LaunchError(f"--variant {text} names a variant twice")
+    return names
+
+
+def cli_overrides(args: argparse.Namespace, cluster: str) -> list[str]:
+    """Command-line resources as config overrides (they win over the files, --set wins over them)."""
+    pairs = {"cluster.nodes": args.nodes, "cluster.gpus_per_node": args.gpus_per_node,
+             "cluster.tasks_per_node": args.gpus_per_node or args.tasks_per_node, "cluster.time_min": args.time,
+             "cluster.partition": args.partition, "cluster.account": args.account, "cluster.qos": args.qos,
+             "cluster.mem_gb": args.mem, "name": args.name}
+    overrides = [f"{k}={v}" for k, v in pairs.items() if v is not None]
+    if cluster == "local" and (args.nodes or 1) > 1:
+        raise LaunchError(f"--nodes {args.nodes} with --cluster local: a local job runs on this one machine; use --nodes 1")
+    return overrides
+
+
+def plan_runs(args: argparse.Namespace, cluster: str) -> list[PlannedRun]:
+    """Compose and check every variant's config before anything is written or submitted."""
+    runs = []
+    for variant in variants_of(args.variant):
+        cfg = config_mod.load_config(variant, args.profile, args.cluster_config,
+                                     cli_overrides(args, cluster) + args.overrides)
+        cfg.data.root = str(Path(cfg.data.root).resolve())  # jobs may start in another directory
+        cfg.output_root = str(Path(cfg.output_root).resolve())
+        check_precision(cfg, cluster)
+        runs.append(PlannedRun(variant, cfg, cfg.run_dir / "config.yaml"))
+    load_manifest(runs[0].cfg.data.root)  # a missing or malformed manifest fails here, before submission
+    return runs
+
+
+def check_precision(cfg: config_mod.RunConfig, cluster: str) -> None:
+    if cfg.train.precision == "fp16" and cfg.cluster.gpus_per_node == 0:
+        raise LaunchError(f"variant {cfg.variant}: train.precision=fp16 needs GPUs (DeepSpeed refuses fp16 on CPU); "
+                          "add --gpus-per-node N or use --set train.precision=bf16")
+
+
+def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into a directory that already holds checkpoints."""
+    if resume and overwrite:
+        raise LaunchError("--resume and --overwrite exclude each other")
+    for run in runs:
+        tag = ckpt.newest_complete(run.cfg.run_dir / "checkpoints")
+        if tag is None:
+            continue
+        saved = ckpt.read_state(run.cfg.run_dir / "checkpoints" / tag).get("variant")
+        if overwrite:
+            continue
+        if saved != run.variant:
+            raise LaunchError(f"'{run.cfg.run_dir}' holds checkpoints of variant '{saved}'; use another --name "
+                              "or --overwrite")
+        if not resume:
+            raise LaunchError(f"'{run.cfg.run_dir}' already holds checkpoints ({tag}); pass --resume to continue "
+                              "or --overwrite to start over")
+
+
+def write_configs(runs: list[PlannedRun], overwrite: bool) -> None:
+    for run in runs:
+        if overwrite and run.cfg.run_dir.exists():
+            shutil.rmtree(run.cfg.run_dir)
+        config_mod.save_config(run.cfg, run.config_file)
+
+
+def executor_for(cluster: str, runs: list[PlannedRun], log_dir: Path):
+    import submitit
+
+    cfg = runs[0].cfg
+    if cluster == "slurm":
+        executor = submitit.SlurmExecutor(folder=str(log_dir), max_num_timeout=cfg.cluster.max_requeues)
+        executor.update_parameters(**slurm_parameters(cfg, f"hpc_gan-{cfg.name}", len(runs)))
+    else:
+        executor = submitit.LocalExecutor(folder=str(log_dir))
+        executor.update_parameters(timeout_min=cfg.cluster.time_min, tasks_per_node=cfg.cluster.tasks_per_node,
+                                   nodes=1, gpus_per_node=cfg.cluster.gpus_per_node)
+    return executor
+
+
+def check_same_resources(runs: list[PlannedRun]) -> None:
+    """One array shares one set of SLURM parameters."""
+    first = slurm_parameters(runs[0].cfg, "x")
+    for run in runs[1:]:
+        if slurm_parameters(run.cfg, "x") != first:
+            raise LaunchError(f"variants {runs[0].variant} and {run.variant} ask for different resources (from their "
+                              "config files); submit them separately or set the cluster keys with --set")
+
+
+def submit(runs: list[PlannedRun], cluster: str, wait: bool, overwrite: bool = False) -> int:
+    from hpc_gan.launch.job import TrainJob
+
+    check_same_resources(runs)
+    write_configs(runs, overwrite)
+    experiment = runs[0].cfg.run_dir.parent
+    log_dir = experiment / "logs"
+    executor = executor_for(cluster, runs, log_dir)
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(str(run.config_file))) for run in runs]
+    record = jobs_record(runs, jobs, cluster, log_dir)
+    ckpt.write_atomic(experiment / JOBS_FILE, json.dumps(record, indent=1))
+    print_submitted(record, experiment)
+    return wait_for(jobs, runs) if wait else 0
+
+
+def jobs_record(runs, jobs, cluster: str, log_dir: Path) -> dict:
+    entries = {}
+    for run, job in zip(runs, jobs):
+        entries[run.variant] = {"job_id": str(job.job_id), "run_dir": str(run.cfg.run_dir), "config": str(run.config_file),
+                                "nodes": run.cfg.cluster.nodes, "tasks_per_node": run.cfg.cluster.tasks_per_node,
+                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+                                "total_steps": run.cfg.train.max_steps or None}
+    first = str(jobs[0].job_id)
+    return {"cluster": cluster, "name": runs[0].cfg.name, "log_dir": str(log_dir),
+            "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "array_job_id": first.split("_")[0], "jobs": entries}
+
+
+def print_submitted(record: dict, experiment: Path) -> None:
+    kind = "SLURM array job" if record["cluster"] == "slurm" else "local jobs from"
+    print(f"submitted {len(record['jobs'])} variant(s) as {kind} {record['array_job_id']} ({record['name']})")
+    for variant, entry in record["jobs"].items():
+        print(f"  {variant:10s} job {entry['job_id']:>10s}  run {entry['run_dir']}")
+        print(f"  {'':10s} log {entry['stdout']}")
+    script = Path(sys.argv[0]).parent / "status.py" if sys.argv[0].endswith("submit.py") else "launch/status.py"
+    print(f"watch:  python {script} {experiment} --watch")
+    print(f"logs:   tail -f {next(iter(record['jobs'].values()))['stdout']}")
+
+
+def wait_for(jobs, runs) -> int:
+    """Block until all jobs end; non-zero if any failed."""
+    failed = 0
+    for run, job in zip(runs, jobs):
+        try:
+            job.results()
+            print(f"{run.variant}: finished")
+        except Exception as exc:  # submitit re-raises the job's exception with its log excerpt
+            failed += 1
+            print(f"{run.variant}: FAILED ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+    return 1 if failed else 0
+
+
+def print_dry_run(runs: list[PlannedRun], cluster: str) -> None:
+    import yaml
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hpc_gan.train.ds_config import critic_config, generator_config
+
+    for run in runs:
+        cuda = run.cfg.cluster.gpus_per_node > 0
+        world = run.cfg.cluster.nodes * run.cfg.cluster.tasks_per_node
+        print(f"# ---- {run.variant}: resolved config ({run.config_file})")
+        print(yaml.safe_dump(config_mod.to_dict(run.cfg), sort_keys=False), end="")
+        print(f"# ---- {run.variant}: DeepSpeed generator config (world size {world})")
+        print(json.dumps(generator_config(run.cfg, world, cuda), indent=1))
+        print(f"# ---- {run.variant}: DeepSpeed critic config")
+        print(json.dumps(critic_config(run.cfg, world, cuda), indent=1))
+    log_dir = runs[0].cfg.run_dir.parent / "logs"
+    params = slurm_parameters(runs[0].cfg, f"hpc_gan-{runs[0].cfg.name}", len(runs))
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-u", "-m", "submitit.core._submit", str(log_dir)])
+    print(f"# ---- sbatch script ({cluster} would run it as an array of {len(runs)} task(s); nothing submitted)")
+    print(_make_sbatch_string(command=command, folder=str(log_dir), map_count=len(runs) if len(runs) > 1 else None,
+                              **params))

@@ -1,0 +1,108 @@
+"""launch/submit.py without a cluster: SLURM parameters (golden files), dry run, refusals.
+
+Golden files live in tests/golden/slurm/; `UPDATE_GOLDEN=1 pytest tests/test_launch_submit.py`
+rewrites them after a deliberate change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hpc_gan.cli import main
+from hpc_gan.config import load_config
+from hpc_gan.launch.slurm_params import slurm_parameters
+
+pytestmark = pytest.mark.unit
+GOLDEN = Path(__file__).parent / "golden" / "slurm"
+
+
+@pytest.mark.parametrize("name, variant, cluster, overrides, array", [
+    ("c_sn_mp_4_nodes", "c_sn_mp", "gpu_node", ["cluster.nodes=4", "cluster.partition=gpu", "cluster.account=lab"], 1),
+    ("paper_four_array", "sn", "gpu_node", ["cluster.qos=high", "cluster.array_parallelism=2"], 4),
+    ("smoke_cpu", "sn", "local", [], 1),
+])
+def test_slurm_parameters_golden(name, variant, cluster, overrides, array):
+    params = slurm_parameters(load_config(variant, cluster=cluster, overrides=overrides), "hpc_gan-exp", array)
+    path = GOLDEN / f"{name}.json"
+    text = json.dumps(params, indent=2, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def _submit(*argv):
+    return main(["submit", *argv])
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.fixture
+def base(packed, tmp_path):
+    """Arguments common to the tests: real shards, a private output root, local cluster."""
+    return ["--set", f"data.root={packed}", "--set", f"output_root={tmp_path / 'runs'}", "--cluster", "local",
+            "--profile", "smoke"]
+
+
+def test_dry_run_prints_config_deepspeed_and_sbatch(base, capsys):
+    assert _submit("--variant", "c_sn_mp,sn", *base, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "# ---- c_sn_mp: resolved config" in out and "critic_norm: spectral" in out
+    assert '"gradient_clipping": 0.0' in out
+    assert "#SBATCH --array=0-1%2" in out and "#SBATCH --signal=USR2@" in out and "#SBATCH --requeue" in out
+    assert "srun" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--variant", "snmp"], ["unknown variant 'snmp'", "valid variants:", "c_sn_mp"]),
+    (["--variant", "sn", "--nodes", "0"], ["--nodes", "must be at least 1"]),
+    (["--variant", "sn", "--nodes", "4"], ["--cluster local", "--nodes 1"]),
+    (["--variant", "sn", "--profile", "tiny"], ["unknown profile 'tiny'", "smoke"]),
+    (["--variant", "sn", "--set", "train.precision=fp16"], ["fp16 needs GPUs", "--gpus-per-node"]),
+    (["--variant", "sn,sn"], ["names a variant twice"]),
+])
+def test_bad_input_is_one_line_and_submits_nothing(base, tmp_path, capsys, argv, words):
+    assert _submit(*base, *argv) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_manifest(tmp_path, capsys):
+    assert _submit("--variant", "sn", "--cluster", "local", "--set", f"data.root={tmp_path / 'nowhere'}") == 2
+    _one_line_error(capsys, "does not exist", "pack")
+
+
+def _fake_checkpoint(run_dir: Path, variant: str) -> None:
+    from hpc_gan.train import checkpoint as ckpt
+
+    where = run_dir / "checkpoints" / ckpt.tag_of(10)
+    where.mkdir(parents=True)
+    (where / ckpt.STATE).write_text(json.dumps({"variant": variant, "step": 10}))
+    ckpt.mark_complete(run_dir / "checkpoints", ckpt.tag_of(10))
+
+
+def test_existing_checkpoints_are_refused(base, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "run" / "sn"
+    _fake_checkpoint(run_dir, "gp")
+    assert _submit("--variant", "sn", *base) == 2
+    _one_line_error(capsys, "holds checkpoints of variant 'gp'", "--overwrite")
+    (run_dir / "checkpoints" / "step-00000010" / "state.json").write_text(json.dumps({"variant": "sn"}))
+    assert _submit("--variant", "sn", *base) == 2
+    _one_line_error(capsys, "already holds checkpoints", "--resume")
+    assert _submit("--variant", "sn", *base, "--resume", "--overwrite") == 2
+    _one_line_error(capsys, "exclude each other")
+    assert (run_dir / "checkpoints" / "latest").exists()  # nothing was deleted
+
+
+def test_slurm_without_sbatch(base, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert _submit("--variant", "sn", "--cluster", "slurm") == 2
+    _one_line_error(capsys, "no 'sbatch'")
