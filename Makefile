@@ -34,6 +34,10 @@ test-unit: $(STAMP)
 test-multiprocess: $(STAMP)
 	$(PY) -m pytest -m multiprocess
 
+# a real single-host SLURM cluster (tests/slurm/cluster.sh; needs root, installs Debian's packages)
+test-slurm: $(STAMP)
+	$(PY) -m pytest -m slurm tests/slurm
+
 bench: $(STAMP)
 	$(PY) bench/data_loader.py
 

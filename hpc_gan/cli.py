@@ -21,6 +21,8 @@ COMMANDS = {
     "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
     "submit": ("hpc_gan.launch.submit", "submit training jobs (one SLURM array task per variant, or local)"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
+    "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
+    "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
 }
 EXIT_USER_ERROR = 2
 

@@ -12,7 +12,8 @@ Stopping early (time limit or preemption) works in three steps that keep DeepSpe
    ``cluster.max_requeues``), pickles :meth:`TrainJob.checkpoint` (the same job: it resumes from
    the newest COMPLETE checkpoint) and runs ``scontrol requeue``.
 
-A real error is not requeued: the task raises and SLURM records the job as FAILED.
+A real error is not requeued: the task raises and SLURM records the job as FAILED. A job that
+finishes consolidates its generator (rank 0), so the run directory holds the file to pull.
 """
 
 from __future__ import annotations
@@ -43,13 +44,23 @@ class TrainJob:
             return {"config": self.config, "status": "stopped for requeue"}
         if code != 0:
             raise RuntimeError(f"training failed with exit status {code}; the error line is in this task's log")
-        return {"config": self.config, "status": "completed"}
+        result = {"config": self.config, "status": "completed"}
+        if _global_rank() == 0:  # the file users pull and sample from
+            result["consolidated"] = str(_consolidate(self.config))
+        return result
 
     def checkpoint(self, *args, **kwargs):
         """submitit's requeue hook: resubmit the same job; the trainer resumes by itself."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def _consolidate(config: str):
+    from hpc_gan.config import load_resolved
+    from hpc_gan.train.consolidate import consolidate
+
+    return consolidate(load_resolved(config).run_dir)
 
 
 def _global_rank() -> int:

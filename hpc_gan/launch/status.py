@@ -355,6 +355,13 @@ def read_jobs(experiment: Path) -> dict:
     return record
 
 
+def run_dir_of(experiment: Path, variant: str, job: dict) -> Path:
+    """The variant's directory beside jobs.json, else the recorded one: recorded paths may be
+    relative to where submit ran, or stale after the experiment was copied elsewhere."""
+    beside = experiment / variant
+    return beside if beside.is_dir() or not job.get("run_dir") else Path(job["run_dir"])
+
+
 def collect(target: str | Path, runner: Runner = run_tool, now: float | None = None) -> list[Row]:
     """One row per variant of an experiment directory, or one row for a run directory.
 
@@ -375,10 +382,8 @@ def collect(target: str | Path, runner: Runner = run_tool, now: float | None = N
                           "or a run directory")
     if (path / JOBS_FILE).is_file():
         record = read_jobs(path)
-        # Prefer the variant's directory beside jobs.json: recorded paths may be relative or stale.
-        return [build_row(variant, path / variant if (path / variant).is_dir() else Path(job.get("run_dir", "")),
-                          job, record.get("cluster", "slurm"), path, runner, now)
-                for variant, job in record["jobs"].items()]
+        return [build_row(variant, run_dir_of(path, variant, job), job, record.get("cluster", "slurm"), path,
+                          runner, now) for variant, job in record["jobs"].items()]
     if is_run_dir(path):
         record = read_jobs(path.parent) if (path.parent / JOBS_FILE).is_file() else {"jobs": {}}
         return [build_row(path.name, path, record["jobs"].get(path.name), record.get("cluster", "slurm"),
@@ -440,8 +445,6 @@ def show(rows: list[Row], as_json: bool, out: TextIO, watching: bool = False) ->
     if as_json:  # one document per refresh when watching, so a reader can parse line by line
         out.write(json.dumps([asdict(row) for row in rows], indent=None if watching else 1) + "\n")
     else:
-        if watching and out.isatty():
-            out.write("\033[H\033[J")  # clear the screen, cursor home
         out.write(render(rows) + "\n")
     out.flush()
 
@@ -460,6 +463,8 @@ def watch(target: str | Path, interval: float, as_json: bool = False, runner: Ru
         while True:
             rows = collect(target, runner)
             if not as_json:
+                if out.isatty():
+                    out.write("\033[H\033[J")  # clear the screen, cursor home: redraw in place
                 out.write(f"{target} at {time.strftime('%H:%M:%S')} (every {interval:g} s, Ctrl-C to stop)\n")
             show(rows, as_json, out, watching=True)
             if all(is_finished(row) for row in rows):

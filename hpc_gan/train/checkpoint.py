@@ -12,7 +12,8 @@ Layout of ``<run_dir>/checkpoints/``::
     latest                  name of the newest COMPLETE checkpoint, replaced atomically
 
 A checkpoint without COMPLETE (a job killed while saving) is ignored on resume and deleted by
-the next pruning.
+the next pruning. torch and NumPy are imported only where RNG states are handled, so the
+monitoring tools that read checkpoints stay quick to start.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from hpc_gan.errors import CheckpointError
 
@@ -76,7 +74,11 @@ def read_state(checkpoint_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is damaged ({exc}); resume from an older checkpoint") from None
 
 
-def rng_state(generator: torch.Generator) -> dict:
+def rng_state(generator) -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states plus the trainer's own ``torch.Generator``."""
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "trainer": generator.get_state()}
     if torch.cuda.is_available():
@@ -84,7 +86,10 @@ def rng_state(generator: torch.Generator) -> dict:
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -55,13 +55,22 @@ log() { printf '[hpc_gan-slurm %s] %s\n' "$(date +%T)" "$*"; }
 die() { log "ERROR: $*"; exit 1; }
 
 # ------------------------------------------------------------------ our processes
-is_running() { # is_running PID COMM -- a zombie counts as stopped
-  [ -r "/proc/$1/stat" ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] &&
-    [ "$(sed 's/^.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
+is_alive() { # is_alive PID -- a zombie counts as gone
+  [ -r "/proc/$1/stat" ] && [ "$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+}
+is_running() { # is_running PID COMM
+  is_alive "$1" && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]
 }
 ours() { # ours NAME COMM -- the daemon recorded in $DIR/pids/NAME.pid is alive and still is COMM
   local f="$DIR/pids/$1.pid"
   [ -s "$f" ] && is_running "$(cat "$f")" "$2"
+}
+launch() { # launch NAME CMD... -- start a daemon in the background in its own session, record its pid
+  # The pid goes to $DIR/pids at once, so that `stop` finds the daemon even if this script fails
+  # while waiting for it. setsid (and unshare, sh) exec, so $! is the daemon itself.
+  local name=$1; shift
+  setsid "$@" </dev/null >"$DIR/log/$name.out" 2>&1 &
+  echo $! > "$DIR/pids/$name.pid"
 }
 wait_for() { # wait_for WHAT CMD... -- poll CMD until it succeeds, at most $TIMEOUT s
   local what=$1 end=$(($(date +%s) + TIMEOUT)); shift
@@ -85,7 +94,7 @@ stop_daemon() { # stop_daemon NAME COMM -- SIGTERM, up to 10 s, then SIGKILL; on
 slurmstepds() { # pids of live slurmstepd processes (the per-job helpers of slurmd)
   local p c
   for p in /proc/[0-9]*; do
-    c=""; read -r c < "$p/comm" 2>/dev/null || continue
+    c=""; { read -r c < "$p/comm"; } 2>/dev/null || continue
     [ "$c" = slurmstepd ] && is_running "${p#/proc/}" slurmstepd && echo "${p#/proc/}"
   done
   return 0
@@ -244,7 +253,8 @@ write_configs() {
   fi
   new_conf=$(slurm_conf); new_gres=$(gres_conf)
   # A running cluster with another config (other knobs): restart slurmctld and the nodes with the new one.
-  if slurm_running && { [ "$new_conf" != "$(cat "$CONF" 2>/dev/null)" ] || [ "$new_gres" != "$(cat "$GRES_CONF" 2>/dev/null)" ]; }; then
+  if slurm_running &&
+    { [ "$new_conf" != "$(cat "$CONF" 2>/dev/null)" ] || [ "$new_gres" != "$(cat "$GRES_CONF" 2>/dev/null)" ]; }; then
     log "configuration changed: restarting slurmctld and the nodes (running jobs are cancelled)"
     stop_slurm
   fi
@@ -278,9 +288,9 @@ start_munge() {
         chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
       fi
       install -d -o munge -g munge -m 0755 /run/munge
-      runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1
-      wait_for munged test -s /run/munge/munged.pid
-      cp /run/munge/munged.pid "$DIR/pids/munged.pid"
+      # setpriv execs (runuser would stay as munged's parent): the recorded pid is munged's
+      launch munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground
+      wait_for munged sh -c 'munge -n | unmunge'
       log "munged started (pid $(cat "$DIR/pids/munged.pid"))"
     fi
   fi
@@ -297,15 +307,11 @@ start_mariadb() { # a private server: own datadir, socket and port; nothing on t
       --skip-test-db >"$DIR/log/mariadb-install.log" 2>&1 ||
       die "mariadb-install-db failed, see $DIR/log/mariadb-install.log"
   fi
-  rm -f "$my/mariadbd.pid"
-  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$my/data" --socket="$sock" \
+  launch mariadb /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$my/data" --socket="$sock" \
     --pid-file="$my/mariadbd.pid" --log-error="$DIR/log/mariadbd.log" \
     --bind-address=127.0.0.1 --port=$DB_PORT --skip-name-resolve \
-    --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-lock-wait-timeout=900 \
-    </dev/null >"$DIR/log/mariadbd.out" 2>&1 &
+    --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-lock-wait-timeout=900
   wait_for MariaDB mariadb --no-defaults --socket="$sock" -e 'select 1'
-  wait_for "MariaDB's pid file" test -s "$my/mariadbd.pid"
-  cp "$my/mariadbd.pid" "$DIR/pids/mariadb.pid"
   mariadb --no-defaults --socket="$sock" -e "
     CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
@@ -314,7 +320,7 @@ start_mariadb() { # a private server: own datadir, socket and port; nothing on t
 
 start_slurmdbd() {
   ours slurmdbd slurmdbd && return 0
-  setsid slurmdbd -D </dev/null >"$DIR/log/slurmdbd.out" 2>&1 &
+  launch slurmdbd slurmdbd -D
   wait_for slurmdbd sacctmgr -n -P show cluster
   log "slurmdbd started (pid $(cat "$DIR/pids/slurmdbd.pid"), $(elapsed))"
 }
@@ -322,7 +328,7 @@ start_slurmdbd() {
 start_slurmctld() {
   ours slurmctld slurmctld && return 0
   # -i: ignore state files slurmctld cannot use (e.g. saved under another node list)
-  setsid slurmctld -D -i </dev/null >"$DIR/log/slurmctld.out" 2>&1 &
+  launch slurmctld slurmctld -D -i
   wait_for slurmctld sh -c 'scontrol ping | grep -q "is UP"'
   log "slurmctld started (pid $(cat "$DIR/pids/slurmctld.pid"), $(elapsed))"
 }
@@ -335,13 +341,12 @@ start_nodes() {
     n="$PREFIX$i"
     ours "slurmd-$n" slurmd && continue
     mkdir -p "$DIR/spool/$n"
-    # setsid, unshare and sh all exec, so $! is the slurmd itself
     if [ "$uts" = 1 ]; then
-      setsid unshare --uts sh -c "hostname $n && exec slurmd -D -N $n" </dev/null >"$DIR/log/slurmd-$n.out" 2>&1 &
+      launch "slurmd-$n" unshare --uts sh -c "hostname $n && exec slurmd -D -N $n"
     else
-      setsid slurmd -D -N "$n" </dev/null >"$DIR/log/slurmd-$n.out" 2>&1 &
+      launch "slurmd-$n" slurmd -D -N "$n"
     fi
-    LAUNCHED="$LAUNCHED $n:$!"
+    LAUNCHED="$LAUNCHED $n:$(cat "$DIR/pids/slurmd-$n.pid")"
   done
 }
 
@@ -356,7 +361,7 @@ wait_nodes_up() {
   local end=$(($(date +%s) + TIMEOUT)) np bad
   until nodes_up; do
     for np in $LAUNCHED; do
-      if ! is_running "${np#*:}" slurmd; then
+      if ! is_alive "${np#*:}"; then   # (its name is sh until it execs slurmd)
         tail -n 5 "$DIR/log/slurmd-${np%%:*}.out" "$DIR/log/slurmd-${np%%:*}.log" 2>/dev/null || true
         die "slurmd of ${np%%:*} exited (see $DIR/log/slurmd-${np%%:*}.{out,log})"
       fi
@@ -370,8 +375,8 @@ wait_nodes_up() {
 }
 
 cmd_start() {
-  install_packages
   refuse_foreign_config
+  install_packages
   write_configs
   add_hosts_line
   start_munge

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,15 @@ class SlurmCluster:
     def hostnames(self) -> list[str]:
         """``hostname`` inside a job on node i prints ``node{i}``."""
         return [f"node{i}" for i in range(1, self.nodes + 1)]
+
+
+def pytest_plugin_registered(plugin, plugin_name, manager):
+    # Test modules in tests/ import helpers with `from conftest import ...`. Outside packages pytest
+    # imports every conftest.py as the module `conftest`, dropping the previous one from sys.modules
+    # before loading this file; hand the name back to tests/conftest.py. The hook is historic: it is
+    # replayed for the plugins registered before this file, tests/conftest.py among them.
+    if plugin_name == str(HERE.parent / "conftest.py"):
+        sys.modules["conftest"] = plugin
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,6 +96,11 @@ def _run_cluster_sh(*args: str, timeout_s: float) -> tuple[int, str]:
 
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _without_log_prefix(text: str) -> str:
+    """cluster.sh's lines without their '[hpc_gan-slurm 12:00:00] ' prefix, on one line."""
+    return " ".join(line.split("] ", 1)[-1] for line in text.splitlines())
 
 
 # Several pytest sessions may share this machine (and so the one cluster). Each session holds a
@@ -145,10 +160,9 @@ def slurm_cluster():
         if status != 0:
             stopped = _leave_and_stop_if_last(sessions)  # a partial start leaves daemons behind
             if status == REFUSED:
-                pytest.skip(f"SLURM tier: {_tail(out, 2)}")
-            pytest.fail(f"`bash {CLUSTER_SH.relative_to(HERE.parents[1])} start` failed ({status}); "
-                        f"daemon logs in {CLUSTER_DIR}/log. Its output:\n{_tail(out)}\n{_tail(stopped, 5)}",
-                        pytrace=False)
+                pytest.skip("SLURM tier: " + _without_log_prefix(_tail(out, 2)))
+            pytest.fail(f"`bash tests/slurm/cluster.sh start` failed ({status}); daemon logs in "
+                        f"{CLUSTER_DIR}/log. Its output:\n{_tail(out)}\n{_tail(stopped, 5)}", pytrace=False)
     try:
         yield SlurmCluster(
             nodes=int(os.environ.get("HPC_GAN_SLURM_NODES", "4")),

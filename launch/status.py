@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Thin wrapper: same as `hpc_gan status ...` (see `--help`)."""
+import sys
+
+from hpc_gan.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["status", *sys.argv[1:]]))
