@@ -56,6 +56,8 @@ LOADER_ONLY = "loader_only"   # no storage: the DataLoader's own cost, the ceili
 SUBJECTS = 4
 SPACING = (0.5, 0.5, 0.8)
 
+from _report import emit  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -439,12 +441,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from hpc_gan.train.penalty import gradient_penalty  # noqa: E402
 from hpc_gan.train.steps import train_iteration  # noqa: E402
 from hpc_gan.train.trainer import Trainer  # noqa: E402
 
+from _report import emit  # noqa: E402
+
 
 def make_shards(root: Path, patch_shape) -> Path:
     """A few noisy volumes with a vessel-like tube, packed at the profile's patch size."""
@@ -147,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":

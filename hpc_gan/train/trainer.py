@@ -19,7 +19,7 @@ import torch.distributed as dist
 from hpc_gan import dist as hdist
 from hpc_gan.config import RunConfig, save_config, to_dict
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
-from hpc_gan.errors import CheckpointError, ConfigError, HpcGanError
+from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
@@ -45,8 +45,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
         if cfg.privacy.enabled:
-            raise ConfigError("variant dp (DP-SGD critic) is trained by the Opacus route, not by this DeepSpeed "
-                              "trainer: DeepSpeed cannot compute per-sample gradients; see docs/privacy.md")
+            raise ConfigError("variant dp (DP-SGD critic) cannot be trained by this DeepSpeed trainer (DeepSpeed "
+                              "computes no per-sample gradients) and its Opacus route is not built yet")
         self.cfg, self.env = cfg, env
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -56,7 +56,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_steps = 0
         self.stop_requested = False
-        self.dataset = ShardedPatchDataset(cfg.data.root, cfg.data.split, verify=cfg.data.verify)
+        self.dataset = _verified_dataset(cfg, env.rank)
         if self.dataset.patch_shape != cfg.model.patch_shape:
             raise ConfigError(f"data.root '{cfg.data.root}' holds {self.dataset.patch_shape} patches but "
                               f"model.patch_shape is {cfg.model.patch_shape}; re-pack or fix model.patch_shape")
@@ -251,6 +251,22 @@ class Trainer:
     def _buffers(self) -> dict:
         return {name: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
                 for name, b in self.generator.module.named_buffers() if "running" in name or "num_batches" in name}
+
+
+def _verified_dataset(cfg: RunConfig, rank: int) -> ShardedPatchDataset:
+    """Rank 0 checks the shards (reading every byte once is enough) and tells every rank the
+    verdict, so that all ranks stop with the same error instead of some waiting forever."""
+    verdict = [""]
+    if rank == 0:
+        try:
+            ShardedPatchDataset(cfg.data.root, cfg.data.split, verify=cfg.data.verify)
+        except HpcGanError as exc:
+            verdict[0] = str(exc)
+    if dist.is_initialized():
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise DataError(verdict[0])
+    return ShardedPatchDataset(cfg.data.root, cfg.data.split, verify="none")
 
 
 def _match_buffer_dtype(module: torch.nn.Module) -> None:

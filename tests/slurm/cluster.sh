@@ -410,8 +410,8 @@ cmd_stop() { # --purge: also delete $DIR and our configs
   log "stopped"
 }
 
-cmd_status() { # exit 0 only if every daemon is ours and alive and every node responds
-  local ok=0 name comm i
+cmd_status() { # exit 0 only if every daemon runs (munged may be a foreign one) and every node responds
+  local rc=0 name comm i
   for name in munged:munged mariadb:mariadbd slurmdbd:slurmdbd slurmctld:slurmctld \
     $(for i in $(seq 1 "$NODES"); do echo "slurmd-$PREFIX$i:slurmd"; done); do
     comm=${name#*:}; name=${name%%:*}
@@ -420,11 +420,11 @@ cmd_status() { # exit 0 only if every daemon is ours and alive and every node re
     elif [ "$name" = munged ] && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
       printf '  %-14s running (not started by this script)\n' "$name"
     else
-      printf '  %-14s stopped\n' "$name"; ok=1
+      printf '  %-14s stopped\n' "$name"; rc=1
     fi
   done
-  if ours slurmctld slurmctld; then sinfo -N || true; nodes_up || ok=1; fi
-  return $ok
+  if ours slurmctld slurmctld; then sinfo -N || true; nodes_up || rc=1; fi
+  return $rc
 }
 
 [ "$(id -u)" = 0 ] || die "must run as root (the daemons and the test jobs run as root)"

@@ -128,10 +128,11 @@ def test_preempted_job_checkpoints_and_is_requeued(executor, slurm_workdir, requ
 
 
 def test_signal_before_time_limit_requeues(executor, slurm_workdir, request):
-    # A 1-minute limit with the signal due 55 s before it: slurmctld sends USR2 at its first
-    # time-limit check after 5 s of run time (it checks about every 30 s).
+    # slurmctld checks time limits every 30 s and signals a job once at most delay + 30 s are left:
+    # with a 1-minute limit and a 20-s delay, 10-40 s after the start. (A delay of 30 s or more
+    # would signal at the first check, possibly before submitit has installed its handler.)
     started = slurm_workdir / f"{request.node.name}.started"
-    executor.update_parameters(timeout_min=1, slurm_signal_delay_s=55)
+    executor.update_parameters(timeout_min=1, slurm_signal_delay_s=20)
     job = executor.submit(SleepUntilSignalled(), str(started))
     wait_for_file(started, job, timeout_s=60)
 
