@@ -20,6 +20,7 @@ by this script yet: no GPU was available when it was written (see docs/BENCHMARK
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
-    return emit(run(args), args.out)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed print()s; stdout is for the JSON only
+        result = run(args)
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

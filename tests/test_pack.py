@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_subjects
+from helpers import write_subjects
 from hpc_gan.data import pack as packing
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.data.nifti import load_volume

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torchrun
+from helpers import torchrun
 from hpc_gan.errors import CheckpointError
 
 pytestmark = pytest.mark.multiprocess

@@ -53,15 +53,6 @@ class SlurmCluster:
         return [f"node{i}" for i in range(1, self.nodes + 1)]
 
 
-def pytest_plugin_registered(plugin, plugin_name, manager):
-    # Test modules in tests/ import helpers with `from conftest import ...`. Outside packages pytest
-    # imports every conftest.py as the module `conftest`, dropping the previous one from sys.modules
-    # before loading this file; hand the name back to tests/conftest.py. The hook is historic: it is
-    # replayed for the plugins registered before this file, tests/conftest.py among them.
-    if plugin_name == str(HERE.parent / "conftest.py"):
-        sys.modules["conftest"] = plugin
-
-
 def pytest_collection_modifyitems(config, items):
     # This hook sees the whole session's items: mark only those collected from this directory.
     for item in items:
