@@ -121,7 +121,10 @@ def test_scancel_shows_cancelled(slurm_workdir, shards):
         time.sleep(1)
     subprocess.run(["scancel", job_id], check=True)
     assert sacct_state(job_id) == "CANCELLED"
-    assert _status(slurm_workdir / "cancel")["sn"].state == "CANCELLED"
+    end = time.time() + 30  # squeue may still say COMPLETING while the ranks are being killed
+    while (state := _status(slurm_workdir / "cancel")["sn"].state) == "COMPLETING" and time.time() < end:
+        time.sleep(1)
+    assert state == "CANCELLED"
 
 
 def test_failing_job_shows_its_error_line(slurm_workdir, packed):
