@@ -20,9 +20,12 @@ COMMANDS = {
     "pack": ("hpc_gan.data.cli_pack", "pack NIfTI volumes into sharded HDF5 patches"),
     "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
     "submit": ("hpc_gan.launch.submit", "submit training jobs (one SLURM array task per variant, or local)"),
+    "evaluate": ("hpc_gan.eval.cli_evaluate", "FID, PRD, precision/recall and label realism of generated patches"),
+    "compare": ("hpc_gan.eval.compare", "several evaluation reports in one table and one PRD plot"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
     "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
     "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
+    "sample": ("hpc_gan.sample_cli", "generate patches from a consolidated generator"),
 }
 EXIT_USER_ERROR = 2
 

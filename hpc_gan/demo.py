@@ -2,7 +2,7 @@
 
 Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> the ``sn``
 variant's smoke profile trained on 2 local ranks (gloo, fp32) -> consolidated
-generator. Training is submitted like a user would (``launch/submit.py --cluster local``:
+generator -> 64 samples -> evaluation report (FID, PRD, precision/recall, label realism). Training is submitted like a user would (``launch/submit.py --cluster local``:
 submitit's local executor). Everything goes to ``demo_out/`` and is replaced on every run.
 """
 
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=2, help="training processes")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--samples", type=int, default=64, help="patches generated for the evaluation")
     return parser.parse_args(argv)
 
 
@@ -44,13 +45,14 @@ def run(args: argparse.Namespace) -> None:
     ids = make_data(args, cfg, out)
     train(cfg, args.ranks, args.steps)
     generator_file = consolidate_run(cfg)
-    print_summary(cfg, out, ids, generator_file, time.perf_counter() - started)
+    report_dir = sample_and_evaluate(cfg, generator_file, args.samples)
+    print_summary(cfg, out, ids, generator_file, report_dir, time.perf_counter() - started)
 
 
 def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
-    log.info("1/4 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
+    log.info("1/6 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
     ids = write_phantom_dataset(out / "phantoms", args.subjects, seed=0, workers=args.workers, overwrite=True)
-    log.info("2/4 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
+    log.info("2/6 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
     subjects = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
     splits = packing.assign_splits(ids, (0.75, 0.125, 0.125), seed=0)
     manifest = packing.pack(subjects, splits, cfg.data.root, SamplingPlan(cfg.model.patch_shape, (3, 3, 2), 32, 0),
@@ -63,7 +65,7 @@ def train(cfg, ranks: int, steps: int) -> None:
     """Submit the training as a user would (launch/submit.py --cluster local), and wait for it."""
     from hpc_gan.cli import main as hpc_gan_main
 
-    log.info("3/4 training %s (%s profile) for %d steps on %d local ranks via submitit", cfg.variant, cfg.profile,
+    log.info("3/6 training %s (%s profile) for %d steps on %d local ranks via submitit", cfg.variant, cfg.profile,
              cfg.train.max_steps, ranks)
     code = hpc_gan_main(["submit", "--variant", cfg.variant, "--profile", cfg.profile, "--cluster", "local",
                          "--tasks-per-node", str(ranks), "--name", cfg.name, "--overwrite", "--wait",
@@ -87,11 +89,23 @@ def _value(cfg, dotted: str):
 def consolidate_run(cfg) -> Path:
     from hpc_gan.train.consolidate import consolidate
 
-    log.info("4/4 consolidating the generator's ZeRO shards")
+    log.info("4/6 consolidating the generator's ZeRO shards")
     return consolidate(cfg.run_dir)
 
 
-def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, seconds: float) -> None:
+def sample_and_evaluate(cfg, generator_file: Path, n: int) -> Path:
+    from hpc_gan.eval.evaluate import evaluate
+    from hpc_gan.sample import sample_to_disk
+
+    samples, report = cfg.run_dir / "samples", cfg.run_dir / "eval"
+    log.info("5/6 sampling %d patches from %s", n, generator_file.name)
+    sample_to_disk(generator_file, n, samples, fmt="hdf5", seed=0, overwrite=True)
+    log.info("6/6 evaluating them against the real training patches (held-out baseline: test split)")
+    evaluate(str(samples), cfg.data.root, str(report), seed=0)
+    return report
+
+
+def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, seconds: float) -> None:
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
@@ -100,6 +114,8 @@ def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, seconds:
     print(f"shards and manifest:    {cfg.data.root}")
     print(f"run directory:          {cfg.run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
     print(f"consolidated generator: {generator_file}")
+    print(f"samples and pictures:   {cfg.run_dir / 'samples'} (montage.png, mip.png)")
+    print(f"evaluation report:      {report_dir / 'report.md'} (prd.png, label_stats.png)")
     print(f"demo finished in {seconds:.0f} s")
 
 

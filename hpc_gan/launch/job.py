@@ -65,3 +65,48 @@ def _consolidate(config: str):
 
 def _global_rank() -> int:
     return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
+
+
+class EvalJob:
+    """Sample from a run's consolidated generator and evaluate the samples (its own job).
+
+    Rank 0 writes ``<run>/samples/`` (HDF5, the training shard format) unless it exists; every
+    rank then embeds its share and rank 0 writes ``<run>/eval/report.json`` and the plots.
+    """
+
+    def __init__(self, config: str, n: int = 256, seed: int = 0) -> None:
+        self.config, self.n, self.seed = config, n, seed
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from hpc_gan import dist
+        from hpc_gan.config import load_resolved
+        from hpc_gan.eval.evaluate import evaluate
+        from hpc_gan.sample import sample_to_disk
+
+        if "SLURM_PROCID" not in os.environ:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = dist.detect()
+        dist.init_process_group(env)
+        cfg = load_resolved(self.config)
+        samples = cfg.run_dir / "samples"
+        if env.rank == 0 and not (samples / "manifest.json").is_file():
+            sample_to_disk(newest_consolidated(cfg.run_dir), self.n, samples, fmt="hdf5", seed=self.seed,
+                           overwrite=True)
+        dist.barrier()
+        evaluate(str(samples), cfg.data.root, str(cfg.run_dir / "eval"), seed=self.seed, rank=env.rank,
+                 world_size=env.world_size)
+        return {"report": str(cfg.run_dir / "eval" / "report.json")}
+
+
+def newest_consolidated(run_dir):
+    """The consolidated generator of the newest step in ``run_dir/consolidated``."""
+    from pathlib import Path
+
+    from hpc_gan.errors import CheckpointError
+
+    files = sorted(Path(run_dir, "consolidated").glob("generator-step-*.pt"))
+    if not files:
+        raise CheckpointError(f"'{run_dir}' has no consolidated generator; train it first (or run hpc_gan consolidate)")
+    return files[-1]

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete existing run directories first")
     parser.add_argument("--dry-run", action="store_true", help="print configs and the sbatch script, submit nothing")
     parser.add_argument("--wait", action="store_true", help="wait until every job has finished")
+    parser.add_argument("--job", choices=("train", "evaluate"), default="train",
+                        help="train (default), or evaluate: sample each trained run and evaluate the samples")
+    parser.add_argument("--n-samples", type=positive_int, default=256, help="--job evaluate: samples per variant")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_dry_run(runs, cluster)
         return 0
+    if args.job == "evaluate":
+        return submit_evaluation(runs, cluster, args.wait, args.n_samples)
     check_run_dirs(runs, args.resume, args.overwrite)
     return submit(runs, cluster, args.wait, args.overwrite)
 
@@ -184,6 +189,27 @@ def submit(runs: list[PlannedRun], cluster: str, wait: bool, overwrite: bool = F
     record = jobs_record(runs, jobs, cluster, log_dir)
     ckpt.write_atomic(experiment / JOBS_FILE, json.dumps(record, indent=1))
     print_submitted(record, experiment)
+    return wait_for(jobs, runs) if wait else 0
+
+
+def submit_evaluation(runs: list[PlannedRun], cluster: str, wait: bool, n_samples: int) -> int:
+    """One evaluation job per trained variant (sample, then evaluate), as one array."""
+    from hpc_gan.launch.job import EvalJob, newest_consolidated
+
+    for run in runs:
+        newest_consolidated(run.cfg.run_dir)  # refuse before submitting: nothing to sample from
+        if not run.config_file.is_file():
+            raise LaunchError(f"'{run.config_file}' is missing: was {run.variant} trained with this --name?")
+    check_same_resources(runs)
+    experiment = runs[0].cfg.run_dir.parent
+    log_dir = experiment / "logs"
+    executor = executor_for(cluster, runs, log_dir)
+    with executor.batch():
+        jobs = [executor.submit(EvalJob(str(run.config_file), n_samples, run.cfg.train.seed)) for run in runs]
+    record = jobs_record(runs, jobs, cluster, log_dir)
+    ckpt.write_atomic(experiment / "eval_jobs.json", json.dumps(record, indent=1))
+    print_submitted(record, experiment)
+    print("reports: " + ", ".join(str(run.cfg.run_dir / "eval" / "report.md") for run in runs))
     return wait_for(jobs, runs) if wait else 0
 
 

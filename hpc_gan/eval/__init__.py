@@ -1,0 +1,1 @@
+"""Evaluation: features, FID, PRD, precision/recall, segmentation metrics, TSTR, reports."""

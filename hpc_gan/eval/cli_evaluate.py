@@ -1,0 +1,48 @@
+"""``hpc_gan evaluate``: FID, PRD, precision/recall, density/coverage, diversity, label realism.
+
+Runs in one process, or distributed when started by torchrun / srun / mpiexec
+(``torchrun --nproc_per_node 2 -m hpc_gan.eval ...``): each rank embeds its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, help="sample directory from `hpc_gan sample --format hdf5`")
+    parser.add_argument("--real", required=True, help="packed real data (directory with manifest.json)")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--real-split", default="train", help="real patches compared with (default train)")
+    parser.add_argument("--heldout-split", default="test", help="real-vs-real baseline split (default test)")
+    parser.add_argument("--n", type=int, help="patches per set (default: as many as both sets have)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extractor", default="medicalnet_resnet10",
+                        help="medicalnet_resnet10 | medicalnet_resnet18 | medicalnet_resnet50")
+    parser.add_argument("--weights", help="MedicalNet weights file; without it a fixed-seed random extractor "
+                                          "(figures not comparable with published FIDs)")
+    parser.add_argument("--weights-sha256", help="refuse weights whose SHA-256 differs")
+    parser.add_argument("--channel", choices=("image", "label"), default="image")
+    parser.add_argument("--batch", type=int, default=4)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from hpc_gan import dist
+    from hpc_gan.eval.evaluate import evaluate
+
+    env = dist.detect()
+    if env.world_size > 1:
+        dist.init_process_group(env)
+    report = evaluate(args.samples, args.real, args.out, real_split=args.real_split, heldout_split=args.heldout_split,
+                      n=args.n, seed=args.seed, extractor_name=args.extractor, weights=args.weights,
+                      weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
+                      batch=args.batch, rank=env.rank, world_size=env.world_size)
+    if report is not None:
+        fid = report["fid"]
+        print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "
+              f"{'–' if fid['heldout_vs_real'] is None else format(fid['heldout_vs_real'], '.4g')}) over "
+              f"{report['n']['generated']} patches; report: {args.out}/report.md, plots: {args.out}/prd.png, "
+              f"{args.out}/label_stats.png")
+    return 0

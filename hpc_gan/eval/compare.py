@@ -1,0 +1,67 @@
+"""``hpc_gan compare REPORT_DIR...``: several variants in one table (the paper's Table 1) and
+their PRD curves on one plot (the paper's Fig. 5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hpc_gan.errors import DataError
+
+COLUMNS = (("FID", ("fid", "generated_vs_real")), ("FID baseline", ("fid", "heldout_vs_real")),
+           ("F_8", ("prd", "generated_reference", "F_8")), ("F_1/8", ("prd", "generated_reference", "F_1/8")),
+           ("F_8 (paper)", ("prd", "generated_paper", "F_8")), ("F_1/8 (paper)", ("prd", "generated_paper", "F_1/8")),
+           ("precision", ("nearest_neighbours", "generated", "precision")),
+           ("recall", ("nearest_neighbours", "generated", "recall")),
+           ("density", ("nearest_neighbours", "generated", "density")),
+           ("coverage", ("nearest_neighbours", "generated", "coverage")),
+           ("MS-SSIM", ("diversity_ms_ssim", "mean_pairwise_ms_ssim")))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", help="report directories (from hpc_gan evaluate); named by folder")
+    parser.add_argument("--plot", help="write all PRD curves into this PNG")
+
+
+def load_report(path: Path) -> dict:
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"'{path}' holds no report.json; run hpc_gan evaluate first")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file} is not valid JSON ({exc})") from None
+
+
+def _get(report: dict, keys: tuple) -> object:
+    for key in keys:
+        if not isinstance(report, dict) or key not in report:
+            return None
+        report = report[key]
+    return report
+
+
+def table(reports: dict[str, dict]) -> str:
+    head = "| run | " + " | ".join(name for name, _ in COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, report in reports.items():
+        cells = [_get(report, keys) for _, keys in COLUMNS]
+        rows.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.4g}" for c in cells) + " |")
+    extractors = {json.dumps(r.get("extractor", {}), sort_keys=True) for r in reports.values()}
+    if len(extractors) > 1:
+        rows.append("\n**The reports used different feature extractors: their FIDs are not comparable.**")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    reports = {Path(p).name or str(p): load_report(Path(p)) for p in args.reports}
+    print(table(reports))
+    if args.plot:
+        from hpc_gan.eval.prd import plot_prd
+
+        curves = {name: (r["prd"]["generated_reference"]["precision"], r["prd"]["generated_reference"]["recall"])
+                  for name, r in reports.items() if "precision" in r.get("prd", {}).get("generated_reference", {})}
+        plot_prd(curves, args.plot, title="PRD of each run against real patches (reference preset)")
+        print(f"PRD curves: {args.plot}")
+    return 0

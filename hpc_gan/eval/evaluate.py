@@ -1,0 +1,232 @@
+"""``hpc_gan evaluate``: generated patches against real ones, as the paper evaluates (and more).
+
+    hpc_gan evaluate --samples samples/c_sn_mp --real data/shards --out reports/c_sn_mp
+    torchrun --nproc_per_node 4 -m hpc_gan.eval --samples ... --real ... --out ...   # distributed
+
+Sets (all of the same patch shape, N = min(#generated, #real training patches)):
+
+* generated: the first N patches of a sample directory (``hpc_gan sample --format hdf5``);
+* real: N training patches drawn with the evaluation seed;
+* held-out: up to N patches of the held-out split (``test`` by default): the real-vs-real
+  baseline, which says what FID and PRD look like when nothing is wrong at this N.
+
+Every rank embeds its share of each set; FID's sufficient statistics are all-reduced; the
+features are gathered for PRD, precision/recall and density/coverage; rank 0 computes the rest
+and writes ``report.json``, ``report.md``, ``prd.png`` and ``label_stats.png``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from hpc_gan.errors import DataError
+
+log = logging.getLogger(__name__)
+MS_SSIM_SAMPLES = 32  # images held in memory for the diversity score
+
+
+@dataclass
+class EvalSets:
+    generated: Subset
+    real: Subset
+    heldout: Subset | None
+    spacing: tuple[float, float, float]
+
+
+def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: int | None, seed: int) -> EvalSets:
+    """Open the three sets and choose their members (deterministic for ``seed``).
+
+    Raises:
+        DataError: an empty sample set, patch shapes that differ, too few patches.
+    """
+    from hpc_gan.data.dataset import ShardedPatchDataset
+
+    try:
+        generated = ShardedPatchDataset(samples, "train", verify="size")
+    except DataError as exc:
+        raise DataError(f"sample set '{samples}': {exc}") from None
+    real_ds = ShardedPatchDataset(real, real_split, verify="size")
+    if generated.patch_shape != real_ds.patch_shape:
+        raise DataError(f"generated patches are {generated.patch_shape} but real ones {real_ds.patch_shape}; "
+                        "evaluate samples of a model trained on this data")
+    count = min(len(generated), len(real_ds), n or len(generated))
+    if count < 2:
+        raise DataError(f"only {count} patch(es) to compare; generate more samples (hpc_gan sample --n)")
+    rng = np.random.default_rng(seed)
+    heldout = None
+    if heldout_split in real_ds.manifest.splits() and real_ds.manifest.count(heldout_split):
+        held = ShardedPatchDataset(real, heldout_split, verify="size")
+        heldout = Subset(held, sorted(rng.permutation(len(held))[: min(count, len(held))].tolist()))
+    return EvalSets(generated=Subset(generated, list(range(count))),
+                    real=Subset(real_ds, sorted(rng.permutation(len(real_ds))[:count].tolist())),
+                    heldout=heldout, spacing=real_ds.manifest.spacing)
+
+
+def embed(subset: Subset, extractor, rank: int, world: int, seed: int, batch: int, channel: int):
+    """(all features in index order, FID statistics all-reduced over ranks)."""
+    from hpc_gan.eval.features import extract_features, gather_features
+    from hpc_gan.eval.fid import FIDStatistics
+
+    features, indices = extract_features(subset, extractor, rank, world, batch_size=batch, channel=channel, seed=seed)
+    stats = FIDStatistics()
+    stats.update(features)
+    stats.all_reduce()
+    return gather_features(features, indices, world), stats
+
+
+def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", heldout_split: str = "test",
+             n: int | None = None, seed: int = 0, extractor_name: str = "medicalnet_resnet10",
+             weights: str | None = None, weights_sha256: str | None = None, channel: int = 0, batch: int = 4,
+             rank: int = 0, world_size: int = 1) -> dict | None:
+    """Compute every figure; rank 0 writes the report and returns it (other ranks return None).
+
+    Raises:
+        DataError: bad sample or real sets (see :func:`load_sets`).
+        CheckpointError: a missing extractor weights file or one whose SHA-256 does not match.
+    """
+    from hpc_gan.models.resnet3d import build_extractor
+
+    sets = load_sets(samples, real, real_split, heldout_split, n, seed)
+    extractor, identity = build_extractor(extractor_name, weights, seed=seed, expected_sha256=weights_sha256)
+    gen_f, gen_stats = embed(sets.generated, extractor, rank, world_size, seed, batch, channel)
+    real_f, real_stats = embed(sets.real, extractor, rank, world_size, seed, batch, channel)
+    held = embed(sets.heldout, extractor, rank, world_size, seed, batch, channel) if sets.heldout else None
+    if rank != 0:
+        return None
+    report = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "samples": str(Path(samples).resolve()), "real": str(Path(real).resolve()),
+        "splits": {"real": real_split, "heldout": heldout_split if held else None},
+        "n": {"generated": len(sets.generated), "real": len(sets.real),
+              "heldout": len(sets.heldout) if sets.heldout else 0},
+        "seed": seed, "channel": "image" if channel == 0 else "label", "extractor": identity, "world_size": world_size,
+        "fid": {"generated_vs_real": gen_stats.fid(real_stats),
+                "heldout_vs_real": held[1].fid(real_stats) if held else None},
+    }
+    report["prd"] = prd_figures(gen_f, real_f, held[0] if held else None, seed)
+    report["nearest_neighbours"] = nn_figures(real_f, gen_f, held[0] if held else None)
+    report["diversity_ms_ssim"] = diversity(sets.generated, seed)
+    report["label_realism"] = label_figures(sets, Path(out))
+    write_report(report, Path(out))
+    return report
+
+
+def prd_figures(generated: np.ndarray, real: np.ndarray, heldout: np.ndarray | None, seed: int) -> dict:
+    """PRD (reference and paper presets) of generated vs real, and of held-out vs real."""
+    from hpc_gan.eval.prd import prd_auc, prd_generated_vs_real, prd_to_max_f_beta_pair
+
+    out = {}
+    for name, feats in (("generated", generated), ("heldout", heldout)):
+        if feats is None:
+            continue
+        count = min(len(feats), len(real))
+        for preset in ("reference", "paper"):
+            try:
+                precision, recall = prd_generated_vs_real(feats[:count], real[:count], preset=preset, seed=seed)
+            except ValueError as exc:  # too few samples for the clusters: reported, not fatal
+                out[f"{name}_{preset}"] = {"error": str(exc)}
+                continue
+            f8, f1_8 = prd_to_max_f_beta_pair(precision, recall)
+            out[f"{name}_{preset}"] = {"F_8": f8, "F_1/8": f1_8, "auc": prd_auc(precision, recall), "n": count,
+                                       "precision": np.asarray(precision).tolist(), "recall": np.asarray(recall).tolist()}
+    return out
+
+
+def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | None, k: int = 3) -> dict:
+    from hpc_gan.eval.nn_metrics import precision_recall_density_coverage
+
+    out = {}
+    for name, feats in (("generated", generated), ("heldout", heldout)):
+        if feats is None or min(len(feats), len(real)) <= k:
+            continue
+        out[name] = {"k": k, **precision_recall_density_coverage(real, feats, k=k)}
+    return out
+
+
+def diversity(generated: Subset, seed: int) -> dict:
+    from hpc_gan.eval.msssim import mean_pairwise_ms_ssim
+
+    count = min(len(generated), MS_SSIM_SAMPLES)
+    images = torch.stack([generated[i][:1] for i in range(count)])          # (n, 1, X, Y, Z)
+    return {"mean_pairwise_ms_ssim": mean_pairwise_ms_ssim(images, pairs=100, seed=seed), "samples": count}
+
+
+def label_figures(sets: EvalSets, out: Path) -> dict:
+    from hpc_gan.eval.label_stats import compare_label_statistics, label_statistics, plot_label_histograms
+
+    def labels(subset: Subset) -> np.ndarray:
+        return np.stack([subset[i][1].numpy() > 0.5 for i in range(len(subset))])  # (N, X, Y, Z) bool
+
+    real_stats = label_statistics(labels(sets.real), sets.spacing)
+    gen_stats = label_statistics(labels(sets.generated), sets.spacing)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_label_histograms(real_stats, gen_stats, out / "label_stats.png")
+    return compare_label_statistics(real_stats, gen_stats)
+
+
+def write_report(report: dict, out: Path) -> None:
+    from hpc_gan.eval.prd import plot_prd
+    from hpc_gan.train.checkpoint import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name.replace("_reference", ""): (v["precision"], v["recall"]) for name, v in report["prd"].items()
+              if name.endswith("_reference") and "precision" in v}
+    if curves:
+        plot_prd(curves, out / "prd.png", title="PRD, reference preset (generated and held-out vs real)")
+    write_atomic(out / "report.json", json.dumps(_finite_or_none(report), indent=1))
+    write_atomic(out / "report.md", markdown(report))
+
+
+def _finite_or_none(value):
+    """NaN (e.g. no vessel in any generated label: no radii) is not JSON: write null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict) -> str:
+    """A person's view of report.json."""
+    ident = report["extractor"]
+    lines = [f"# Evaluation report ({report['created']})", "",
+             f"- generated: `{report['samples']}` ({report['n']['generated']} patches)",
+             f"- real: `{report['real']}` split {report['splits']['real']} ({report['n']['real']}), held-out split "
+             f"{report['splits']['heldout']} ({report['n']['heldout']})",
+             f"- extractor: {ident.get('name')} ({ident.get('weights')}, sha256 {str(ident.get('sha256'))[:16]}…), "
+             f"{report['channel']} channel, seed {report['seed']}"]
+    if not ident.get("comparable", False):
+        lines.append(f"- **{ident.get('note', 'randomly initialised extractor: not comparable with published FIDs')}**")
+    lines += ["", "| metric | generated vs real | held-out vs real (baseline) |", "|---|---|---|",
+              f"| FID | {_fmt(report['fid']['generated_vs_real'])} | {_fmt(report['fid']['heldout_vs_real'])} |"]
+    for preset in ("reference", "paper"):
+        gen, held = report["prd"].get(f"generated_{preset}", {}), report["prd"].get(f"heldout_{preset}", {})
+        for key in ("F_8", "F_1/8", "auc"):
+            lines.append(f"| PRD {preset} {key} | {_fmt(gen.get(key))} | {_fmt(held.get(key))} |")
+    gen_nn, held_nn = report["nearest_neighbours"].get("generated", {}), report["nearest_neighbours"].get("heldout", {})
+    for key in ("precision", "recall", "density", "coverage"):
+        lines.append(f"| {key} (k=3) | {_fmt(gen_nn.get(key))} | {_fmt(held_nn.get(key))} |")
+    lines += ["", f"Diversity: mean pairwise 3D MS-SSIM among {report['diversity_ms_ssim']['samples']} generated "
+              f"images = {_fmt(report['diversity_ms_ssim']['mean_pairwise_ms_ssim'])} (lower = more diverse).", "",
+              "| label statistic | Wasserstein distance real↔generated | KS statistic |", "|---|---|---|"]
+    for name, figures in report["label_realism"].items():
+        lines.append(f"| {name} | {_fmt(figures.get('wasserstein'))} | {_fmt(figures.get('ks'))} |")
+    lines += ["", "Pictures: `prd.png` (PRD curves), `label_stats.png` (label histograms)."]
+    return "\n".join(lines) + "\n"

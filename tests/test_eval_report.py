@@ -1,0 +1,96 @@
+"""hpc_gan evaluate and compare on tiny packed sets: known answers, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import torchrun
+from hpc_gan.cli import main
+from hpc_gan.eval.evaluate import evaluate
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def same_as_real(packed, tmp_path_factory):
+    """A 'sample set' holding exactly the real training patches: every metric's best case."""
+    samples = tmp_path_factory.mktemp("samples") / "s"
+    shutil.copytree(packed, samples)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def report(same_as_real, packed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return evaluate(str(same_as_real), str(packed), str(out), seed=0), out
+
+
+def test_identical_sets_score_as_identical(report):
+    result, _ = report
+    assert result["n"] == {"generated": 40, "real": 40, "heldout": 10}
+    assert abs(result["fid"]["generated_vs_real"]) < 1e-3          # same patches, other order
+    assert result["fid"]["heldout_vs_real"] > result["fid"]["generated_vs_real"]
+    nn = result["nearest_neighbours"]["generated"]
+    assert nn["precision"] == 1.0 and nn["recall"] == 1.0 and nn["coverage"] == 1.0
+    prd = result["prd"]["generated_reference"]
+    assert prd["F_8"] > 0.95 and prd["F_1/8"] > 0.95
+    assert "error" in result["prd"]["heldout_reference"]           # 10 held-out patches < 20 clusters
+    assert result["label_realism"]["vessel_fraction"]["wasserstein"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_report_files_name_the_extractor(report):
+    result, out = report
+    assert {"report.json", "report.md", "prd.png", "label_stats.png"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["extractor"]["weights"] == "random" and saved["extractor"]["comparable"] is False
+    assert "not comparable with published FIDs" in (out / "report.md").read_text()
+    assert saved["seed"] == 0 and len(saved["extractor"]["sha256"]) == 64
+
+
+def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
+    _, out = report
+    other = tmp_path / "gp"
+    shutil.copytree(out, other)
+    assert main(["compare", str(out), str(other), "--plot", str(tmp_path / "prd_all.png")]) == 0
+    text = capsys.readouterr().out
+    assert f"| {out.name} |" in text and "| gp |" in text and "FID baseline" in text
+    assert (tmp_path / "prd_all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fails(capsys, argv, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_bad_inputs(packed, smoke_shards, tmp_path, capsys):
+    base = ["evaluate", "--real", str(packed), "--out", str(tmp_path / "r")]
+    _fails(capsys, [*base, "--samples", str(smoke_shards)], "(32, 32, 16) but real ones (16, 16, 16)")
+    _fails(capsys, [*base, "--samples", str(tmp_path / "none")], "sample set", "does not exist")
+    empty = tmp_path / "empty"
+    shutil.copytree(packed, empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    manifest["splits"]["train"] = {"subjects": [], "n_patches": 0, "shards": []}
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    _fails(capsys, [*base, "--samples", str(empty)], "holds no patches")
+    _fails(capsys, [*base, "--samples", str(packed), "--weights", str(tmp_path / "missing.pth")], "missing.pth")
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_give_the_single_process_report(report, same_as_real, packed, tmp_path):
+    result, _ = report
+    script = tmp_path / "eval2.py"
+    script.write_text("import sys\nfrom hpc_gan.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = torchrun(str(script), "evaluate", "--samples", str(same_as_real), "--real", str(packed),
+                    "--out", str(tmp_path / "r2"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert two["world_size"] == 2
+    assert two["fid"]["heldout_vs_real"] == pytest.approx(result["fid"]["heldout_vs_real"], rel=1e-6)
+    assert two["nearest_neighbours"] == result["nearest_neighbours"]
