@@ -11,8 +11,6 @@ from helpers import torchrun
 from hpc_gan.cli import main
 from hpc_gan.eval.evaluate import evaluate
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def same_as_real(packed, tmp_path_factory):
@@ -28,6 +26,7 @@ def report(same_as_real, packed, tmp_path_factory):
     return evaluate(str(same_as_real), str(packed), str(out), seed=0), out
 
 
+@pytest.mark.unit
 def test_identical_sets_score_as_identical(report):
     result, _ = report
     assert result["n"] == {"generated": 40, "real": 40, "heldout": 10}
@@ -41,6 +40,7 @@ def test_identical_sets_score_as_identical(report):
     assert result["label_realism"]["vessel_fraction"]["wasserstein"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.unit
 def test_report_files_name_the_extractor(report):
     result, out = report
     assert {"report.json", "report.md", "prd.png", "label_stats.png"} <= {p.name for p in out.iterdir()}
@@ -50,6 +50,7 @@ def test_report_files_name_the_extractor(report):
     assert saved["seed"] == 0 and len(saved["extractor"]["sha256"]) == 64
 
 
+@pytest.mark.unit
 def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
     _, out = report
     other = tmp_path / "gp"
@@ -68,6 +69,7 @@ def _fails(capsys, argv, *words):
         assert word in err, err
 
 
+@pytest.mark.unit
 def test_bad_inputs(packed, smoke_shards, tmp_path, capsys):
     base = ["evaluate", "--real", str(packed), "--out", str(tmp_path / "r")]
     _fails(capsys, [*base, "--samples", str(smoke_shards)], "(32, 32, 16) but real ones (16, 16, 16)")
