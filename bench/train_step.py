@@ -42,7 +42,7 @@ from hpc_gan.data.nifti import save_nifti  # noqa: E402
 from hpc_gan.data.patches import SamplingPlan  # noqa: E402
 from hpc_gan.models import build_critic, build_generator  # noqa: E402
 from hpc_gan.train.penalty import gradient_penalty  # noqa: E402
-from hpc_gan.train.steps import train_iteration  # noqa: E402
+from hpc_gan.train.steps import to_model_range, train_iteration  # noqa: E402
 from hpc_gan.train.trainer import Trainer  # noqa: E402
 
 from _report import emit  # noqa: E402
@@ -106,7 +106,7 @@ class BareLoop:
 def time_bare(loop: BareLoop, batches, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
-        loop.step(next(batches))
+        loop.step(to_model_range(next(batches)))
     return (time.perf_counter() - start) / steps
 
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(args.variant, args.profile, overrides=[
             "train.precision=fp32", "train.num_workers=0", f"data.root={shards}", f"output_root={tmp}/runs"])
         trainer = Trainer(cfg, env)
-        trainer_batches = iter(trainer.loader)
+        trainer_batches = (to_model_range(b) for b in trainer.loader)
         bare_batches = iter(type(trainer.loader)(trainer.dataset, cfg.train.batch_size, seed=1))
         bare = BareLoop(cfg)
         time_trainer(trainer, trainer_batches, 3)  # warm-up both

@@ -96,3 +96,17 @@ def test_two_ranks_give_the_single_process_report(report, same_as_real, packed, 
     assert two["world_size"] == 2
     assert two["fid"]["heldout_vs_real"] == pytest.approx(result["fid"]["heldout_vs_real"], rel=1e-6)
     assert two["nearest_neighbours"] == result["nearest_neighbours"]
+
+
+@pytest.mark.unit
+def test_real_features_are_cached(same_as_real, packed, tmp_path, monkeypatch, report):
+    from hpc_gan.eval import evaluate as evaluation
+
+    first = evaluate(str(same_as_real), str(packed), str(tmp_path / "a"), cache=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2          # real train and held-out sets
+    calls = []
+    real_embed = evaluation.embed
+    monkeypatch.setattr(evaluation, "embed", lambda *a, **k: calls.append(1) or real_embed(*a, **k))
+    second = evaluate(str(same_as_real), str(packed), str(tmp_path / "b"), cache=str(tmp_path / "cache"))
+    assert len(calls) == 1                                            # only the generated set is embedded
+    assert second["fid"] == first["fid"] == report[0]["fid"]

@@ -130,3 +130,13 @@ def test_generator_step_freezes_the_critic():
     assert finite and generator.calls == ["backward", "step"]
     assert all(p.grad is None for p in critic.module.parameters())   # no gradient reached the critic
     assert all(p.requires_grad for p in critic.module.parameters())  # and it is trainable again
+
+
+def test_real_labels_are_mapped_to_the_generators_range():
+    from hpc_gan.train.steps import to_model_range
+
+    batch = torch.stack([torch.full((1, 2, 2, 2), 0.25), torch.tensor([0.0, 1.0]).repeat(4).view(1, 2, 2, 2)], dim=1)
+    out = to_model_range(batch)
+    assert torch.equal(out[:, 0], batch[:, 0])                       # image untouched
+    assert set(out[:, 1].unique().tolist()) == {-1.0, 1.0}            # label {0, 1} -> {-1, 1}
+    assert set(batch[:, 1].unique().tolist()) == {0.0, 1.0}           # input not modified

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-sha256", help="refuse weights whose SHA-256 differs")
     parser.add_argument("--channel", choices=("image", "label"), default="image")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cache", help="directory caching real-data features and FID statistics "
+                                        "(keyed by manifest, extractor, split, N, seed, channel)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.samples, args.real, args.out, real_split=args.real_split, heldout_split=args.heldout_split,
                       n=args.n, seed=args.seed, extractor_name=args.extractor, weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
-                      batch=args.batch, rank=env.rank, world_size=env.world_size)
+                      batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache)
     if report is not None:
         fid = report["fid"]
         print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "

@@ -76,18 +76,45 @@ def embed(subset: Subset, extractor, rank: int, world: int, seed: int, batch: in
     from hpc_gan.eval.features import extract_features, gather_features
     from hpc_gan.eval.fid import FIDStatistics
 
-    features, indices = extract_features(subset, extractor, rank, world, batch_size=batch, channel=channel, seed=seed)
+    # both sets store labels as {0, 1} (sampling binarises them), images in [-1, 1]
+    value_range = (0.0, 1.0) if channel == 1 else (-1.0, 1.0)
+    features, indices = extract_features(subset, extractor, rank, world, batch_size=batch, channel=channel, seed=seed,
+                                         value_range=value_range)
     stats = FIDStatistics()
     stats.update(features)
     stats.all_reduce()
     return gather_features(features, indices, world), stats
 
 
+def embed_real(subset: Subset, split: str, extractor, identity: dict, cache_dir: str | None, rank: int, world: int,
+               seed: int, batch: int, channel: int):
+    """Like :func:`embed`, reusing real features cached by (manifest, extractor, split, N, seed, channel)."""
+    from hpc_gan.eval.features import RealStatsCache
+    from hpc_gan.eval.fid import FIDStatistics
+
+    if cache_dir is None:
+        return embed(subset, extractor, rank, world, seed, batch, channel)
+    cache = RealStatsCache(cache_dir)
+    key = RealStatsCache.key(subset.dataset.manifest.digest, identity["sha256"], f"{split}-n{len(subset)}-s{seed}",
+                             channel)
+    hit = cache.get(key)
+    if hit is not None:
+        log.info("real %s features from the cache %s", split, cache.path(key))
+        return hit["features"], FIDStatistics.from_state_dict(hit)
+    features, stats = embed(subset, extractor, rank, world, seed, batch, channel)
+    if rank == 0:
+        cache.put(key, {"features": features, **stats.state_dict()})
+    return features, stats
+
+
 def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", heldout_split: str = "test",
              n: int | None = None, seed: int = 0, extractor_name: str = "medicalnet_resnet10",
              weights: str | None = None, weights_sha256: str | None = None, channel: int = 0, batch: int = 4,
-             rank: int = 0, world_size: int = 1) -> dict | None:
+             rank: int = 0, world_size: int = 1, cache: str | None = None) -> dict | None:
     """Compute every figure; rank 0 writes the report and returns it (other ranks return None).
+
+    ``cache``: a directory where the real sets' features and FID statistics are kept, keyed by
+    the data manifest's digest, the extractor's SHA-256, the split, N, the seed and the channel.
 
     Raises:
         DataError: bad sample or real sets (see :func:`load_sets`).
@@ -98,8 +125,10 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     sets = load_sets(samples, real, real_split, heldout_split, n, seed)
     extractor, identity = build_extractor(extractor_name, weights, seed=seed, expected_sha256=weights_sha256)
     gen_f, gen_stats = embed(sets.generated, extractor, rank, world_size, seed, batch, channel)
-    real_f, real_stats = embed(sets.real, extractor, rank, world_size, seed, batch, channel)
-    held = embed(sets.heldout, extractor, rank, world_size, seed, batch, channel) if sets.heldout else None
+    real_f, real_stats = embed_real(sets.real, real_split, extractor, identity, cache, rank, world_size, seed, batch,
+                                    channel)
+    held = embed_real(sets.heldout, heldout_split, extractor, identity, cache, rank, world_size, seed, batch,
+                      channel) if sets.heldout else None
     if rank != 0:
         return None
     report = {
@@ -108,7 +137,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
         "splits": {"real": real_split, "heldout": heldout_split if held else None},
         "n": {"generated": len(sets.generated), "real": len(sets.real),
               "heldout": len(sets.heldout) if sets.heldout else 0},
-        "seed": seed, "channel": "image" if channel == 0 else "label", "extractor": identity, "world_size": world_size,
+        "cache": cache, "seed": seed, "channel": "image" if channel == 0 else "label", "extractor": identity, "world_size": world_size,
         "fid": {"generated_vs_real": gen_stats.fid(real_stats),
                 "heldout_vs_real": held[1].fid(real_stats) if held else None},
     }

@@ -34,6 +34,19 @@ class StepResult:
     finite: bool
 
 
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """Real patches as the networks see them: the dataset gives the label channel in {0, 1}, the
+    generator's tanh makes both channels [-1, 1], so real labels become {-1, 1}.
+
+    Example:
+        >>> to_model_range(torch.tensor([[[0.5]], [[1.0]]]).view(1, 2, 1, 1, 1))[0, :, 0, 0, 0]
+        tensor([0.5000, 1.0000])
+    """
+    out = batch.clone()
+    out[:, 1] = out[:, 1] * 2 - 1                          # (B, 2, X, Y, Z): channel 1 is the label
+    return out
+
+
 def loss_scale(engine) -> float:
     """The engine's current dynamic loss scale (1.0 when not training in fp16)."""
     if not engine.fp16_enabled():

@@ -24,7 +24,7 @@ from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.metrics import MetricsLogger
-from hpc_gan.train.steps import loss_scale, train_iteration
+from hpc_gan.train.steps import loss_scale, to_model_range, train_iteration
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -98,7 +98,7 @@ class Trainer:
                                 self.cfg.train.log_every)
         self._announce(resumed)
         self._install_stop_handler()
-        batches = (b.to(self.device, self.dtype, non_blocking=True) for b in self.loader)
+        batches = (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
         fixed_z = torch.Generator().manual_seed(12345)
         record, bad_run = None, 0
         try:

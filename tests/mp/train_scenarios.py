@@ -140,7 +140,7 @@ def _peek_batches(t: Trainer, steps: int) -> list[list[torch.Tensor]]:
     per_rank = []
     for rank in range(ENV.world_size):
         loader = iter(PatchLoader(t.dataset, t.cfg.train.batch_size, rank, ENV.world_size, t.cfg.train.seed))
-        per_rank.append([next(loader) for _ in range(steps)])
+        per_rank.append([train_steps.to_model_range(next(loader)) for _ in range(steps)])
     return per_rank
 
 
