@@ -22,6 +22,7 @@ COMMANDS = {
     "submit": ("hpc_gan.launch.submit", "submit training jobs (one SLURM array task per variant, or local)"),
     "evaluate": ("hpc_gan.eval.cli_evaluate", "FID, PRD, precision/recall and label realism of generated patches"),
     "compare": ("hpc_gan.eval.compare", "several evaluation reports in one table and one PRD plot"),
+    "tstr": ("hpc_gan.eval.cli_tstr", "train a 3D U-Net per source (real / synthetic / both), test on real: DSC, bAVD"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
     "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
     "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),

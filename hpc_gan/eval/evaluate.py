@@ -211,16 +211,16 @@ def write_report(report: dict, out: Path) -> None:
               if name.endswith("_reference") and "precision" in v}
     if curves:
         plot_prd(curves, out / "prd.png", title="PRD, reference preset (generated and held-out vs real)")
-    write_atomic(out / "report.json", json.dumps(_finite_or_none(report), indent=1))
+    write_atomic(out / "report.json", json.dumps(finite_or_none(report), indent=1))
     write_atomic(out / "report.md", markdown(report))
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
     """NaN (e.g. no vessel in any generated label: no radii) is not JSON: write null."""
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value

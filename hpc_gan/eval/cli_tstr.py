@@ -1,0 +1,41 @@
+"""``hpc_gan tstr``: train a 3D U-Net per source, test on real volumes (see hpc_gan.eval.tstr)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--real", required=True, help="packed real data (train / val / test splits)")
+    parser.add_argument("--images", required=True, help="NIfTI images of the real subjects (for the test split)")
+    parser.add_argument("--labels", required=True, help="their vessel labels")
+    parser.add_argument("--masks", help="their brain masks (enables the intracranial setting)")
+    parser.add_argument("--source", action="append", required=True,
+                        help="real | NAME=SAMPLE_DIR | NAME+real=SAMPLE_DIR (repeatable)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=2000, help="maximum training steps per source")
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=5, help="validation checks without improvement")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from hpc_gan import dist
+
+    env = dist.detect()
+    if env.world_size > 1:
+        dist.init_process_group(env)
+    from hpc_gan.eval.tstr import run_tstr
+
+    rows = run_tstr(args, env.rank, env.world_size)
+    if env.rank == 0:
+        from hpc_gan.eval.segmentation import summary_table
+
+        print(summary_table(rows))
+        print(f"per-subject scores: {args.out}/scores.csv; plots: {args.out}/boxplots.png, {args.out}/error_map_*.png")
+    return 0

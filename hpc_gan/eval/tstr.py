@@ -1,0 +1,193 @@
+"""Train on synthetic, test on real: a 3D U-Net per training source, DSC and bAVD on real volumes.
+
+    hpc_gan tstr --real data/shards --images data/phantoms/images --labels data/phantoms/labels \\
+        --masks data/phantoms/masks --source real --source sn=runs/exp/sn/samples \\
+        --source sn+real=runs/exp/sn/samples --out reports/tstr
+
+Each ``--source`` trains one U-Net (soft Dice, Adam lr 1e-4, early stopping on the real
+validation split) on:
+
+* ``real``: the real training patches;
+* ``NAME=DIR``: synthetic pairs, a sample directory (``hpc_gan sample --format hdf5``);
+* ``NAME+real=DIR``: both (the paper's augmentation experiment).
+
+Every model is then tested on the held-out real subjects (the manifest's test split), whole
+volumes by sliding-window inference, threshold 0.5: DSC and bAVD (voxels and mm), for all
+vessels and for intracranial vessels (brain mask applied to prediction and truth). Outputs:
+``scores.csv`` (per subject), ``table.md`` (mean (std), the paper's Table 3), ``boxplots.png``
+(Fig. 6), ``error_map_<source>.png`` (Fig. 7) and ``tstr.json``. Under torchrun / srun each
+source's U-Net trains data-parallel (DDP) and rank 0 tests it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset
+
+from hpc_gan.errors import DataError
+from hpc_gan.eval.evaluate import finite_or_none
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    name: str
+    samples: str | None  # synthetic sample directory, or None
+    with_real: bool
+
+
+def parse_source(text: str) -> Source:
+    """``real`` | ``NAME=DIR`` | ``NAME+real=DIR``."""
+    if text == "real":
+        return Source("real", None, True)
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise DataError(f"--source '{text}': use real, NAME=SAMPLE_DIR or NAME+real=SAMPLE_DIR")
+    return Source(name, path, name.endswith("+real"))
+
+
+def training_set(source: Source, real: str):
+    from hpc_gan.data.dataset import ShardedPatchDataset
+
+    parts = []
+    if source.samples:
+        parts.append(ShardedPatchDataset(source.samples, "train", verify="size"))
+    if source.with_real:
+        parts.append(ShardedPatchDataset(real, "train", verify="size"))
+    shapes = {p.patch_shape for p in parts}
+    if len(shapes) > 1:
+        raise DataError(f"source {source.name}: synthetic and real patches differ in shape ({shapes})")
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts), parts[0].patch_shape
+
+
+def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2, X, Y, Z) patches -> image (B, 1, ...) in [-1, 1] and label (B, 1, ...) in {0, 1}."""
+    return batch[:, :1], (batch[:, 1:2] > 0.5).float()
+
+
+def train_unet(dataset, val_set, args, rank: int, world: int):
+    """Data-parallel U-Net training with early stopping; returns the best model (all ranks)."""
+    from hpc_gan.data.dataset import PatchLoader
+    from hpc_gan.models.unet import UNet3d, soft_dice_loss
+
+    torch.manual_seed(args.seed)
+    model = UNet3d(in_channels=1, out_channels=1, channels=tuple(args.channels), dropout=0.1)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    batches = iter(PatchLoader(dataset, args.batch, rank, world, args.seed))
+    best, best_state, since_best = float("inf"), None, 0
+    for step in range(1, args.steps + 1):
+        image, label = split_batch(next(batches))
+        loss = soft_dice_loss(net(image), label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % args.val_every == 0 or step == args.steps:
+            val = validation_loss(model, val_set, args.batch)
+            if val < best - 1e-4:
+                best, since_best = val, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            log.info("step %d: train soft-Dice %.4f, validation %.4f (best %.4f)", step, loss.item(), val, best)
+            if since_best >= args.patience:
+                log.info("early stop at step %d: no validation improvement for %d checks", step, args.patience)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), best
+
+
+@torch.no_grad()
+def validation_loss(model, val_set, batch: int) -> float:
+    from hpc_gan.models.unet import soft_dice_loss
+
+    model.eval()
+    losses = []
+    for start in range(0, len(val_set), batch):
+        items = torch.stack([val_set[i] for i in range(start, min(start + batch, len(val_set)))])
+        image, label = split_batch(items)
+        losses.append(soft_dice_loss(model(image), label).item() * len(items))
+    model.train()
+    return float(np.sum(losses) / max(len(val_set), 1))
+
+
+def test_subjects(real: str, images: str, labels: str, masks: str | None) -> list[dict]:
+    """The held-out real subjects (the manifest's test split) with their NIfTI files."""
+    from hpc_gan.data.manifest import load_manifest
+    from hpc_gan.data.pack import match_subjects
+
+    ids = load_manifest(real).data["splits"].get("test", {}).get("subjects", [])
+    if not ids:
+        raise DataError(f"'{real}' has no test subjects; pack with a test split (--split 0.8,0.1,0.1)")
+    found = {s.id: s for s in match_subjects(images, labels, masks)}
+    missing = [sid for sid in ids if sid not in found]
+    if missing:
+        raise DataError(f"test subject(s) {', '.join(missing)} have no NIfTI files in '{images}'")
+    return [found[sid] for sid in ids]
+
+
+def test_model(model, subjects, patch_shape, source: str, out: Path, batch: int) -> list[dict]:
+    from hpc_gan.data.nifti import load_volume
+    from hpc_gan.eval.inference import predict_mask, sliding_window_predict
+    from hpc_gan.eval.segmentation import error_map_png, segmentation_scores
+
+    rows = []
+    for k, subject in enumerate(subjects):
+        image = load_volume(subject.image, "image")
+        truth = load_volume(subject.label, "label").data.astype(bool)
+        mask = load_volume(subject.mask, "mask").data.astype(bool) if subject.mask else None
+        prob = sliding_window_predict(model, image.data, patch_shape=patch_shape, overlap=0.5, batch_size=batch,
+                                      device=next(model.parameters()).device)
+        pred = predict_mask(prob, 0.5)
+        rows.append({"source": source, "subject": subject.id,
+                     **segmentation_scores(pred, truth, image.spacing, brain_mask=mask)})
+        if k == 0:
+            error_map_png(image.data, pred, truth, out / f"error_map_{source}.png", spacing=image.spacing)
+    return rows
+
+
+def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[dict]:
+    from hpc_gan.data.dataset import ShardedPatchDataset
+    from hpc_gan.eval.segmentation import box_plots_png, summary_table, write_csv
+
+    out = Path(args.out)
+    sources = [parse_source(text) for text in args.source]
+    subjects = test_subjects(args.real, args.images, args.labels, args.masks)
+    val_set = ShardedPatchDataset(args.real, "val", verify="size")
+    rows: list[dict] = []
+    for source in sources:
+        dataset, patch_shape = training_set(source, args.real)
+        log.info("source %s: %d training patches", source.name, len(dataset))
+        model, best = train_unet(dataset, val_set, args, rank, world)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / f"unet_{source.name}.pt")
+            rows += test_model(model, subjects, patch_shape, source.name, out, args.batch)
+    if rank == 0:
+        write_csv(rows, out / "scores.csv")
+        (out / "table.md").write_text(summary_table(rows))
+        box_plots_png(_by_source(rows), out / "boxplots.png")
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
+        record = {"sources": [vars(s) for s in sources], "rows": rows, "settings": settings}
+        (out / "tstr.json").write_text(json.dumps(finite_or_none(record), indent=1))  # inf bAVD -> null
+    return rows
+
+
+def _by_source(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        entry = out.setdefault(row["source"], {})
+        for key, value in row.items():
+            if key not in ("source", "subject"):
+                entry.setdefault(key, []).append(value)
+    return out
