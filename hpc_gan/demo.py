@@ -2,7 +2,8 @@
 
 Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> the ``sn``
 variant's smoke profile trained on 2 local ranks (gloo, fp32) -> consolidated
-generator -> 64 samples -> evaluation report (FID, PRD, precision/recall, label realism). Training is submitted like a user would (``launch/submit.py --cluster local``:
+generator -> 64 samples -> evaluation report (FID, PRD, precision/recall, label realism) ->
+downstream test (a small U-Net trained on real and on generated patches, DSC/bAVD on real volumes). Training is submitted like a user would (``launch/submit.py --cluster local``:
 submitit's local executor). Everything goes to ``demo_out/`` and is replaced on every run.
 """
 
@@ -46,13 +47,14 @@ def run(args: argparse.Namespace) -> None:
     train(cfg, args.ranks, args.steps)
     generator_file = consolidate_run(cfg)
     report_dir = sample_and_evaluate(cfg, generator_file, args.samples)
-    print_summary(cfg, out, ids, generator_file, report_dir, time.perf_counter() - started)
+    tstr_dir = downstream_test(cfg, out)
+    print_summary(cfg, out, ids, generator_file, report_dir, tstr_dir, time.perf_counter() - started)
 
 
 def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
-    log.info("1/6 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
+    log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
     ids = write_phantom_dataset(out / "phantoms", args.subjects, seed=0, workers=args.workers, overwrite=True)
-    log.info("2/6 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
+    log.info("2/7 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
     subjects = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
     splits = packing.assign_splits(ids, (0.75, 0.125, 0.125), seed=0)
     manifest = packing.pack(subjects, splits, cfg.data.root, SamplingPlan(cfg.model.patch_shape, (3, 3, 2), 32, 0),
@@ -65,7 +67,7 @@ def train(cfg, ranks: int, steps: int) -> None:
     """Submit the training as a user would (launch/submit.py --cluster local), and wait for it."""
     from hpc_gan.cli import main as hpc_gan_main
 
-    log.info("3/6 training %s (%s profile) for %d steps on %d local ranks via submitit", cfg.variant, cfg.profile,
+    log.info("3/7 training %s (%s profile) for %d steps on %d local ranks via submitit", cfg.variant, cfg.profile,
              cfg.train.max_steps, ranks)
     code = hpc_gan_main(["submit", "--variant", cfg.variant, "--profile", cfg.profile, "--cluster", "local",
                          "--tasks-per-node", str(ranks), "--name", cfg.name, "--overwrite", "--wait",
@@ -89,7 +91,7 @@ def _value(cfg, dotted: str):
 def consolidate_run(cfg) -> Path:
     from hpc_gan.train.consolidate import consolidate
 
-    log.info("4/6 consolidating the generator's ZeRO shards")
+    log.info("4/7 consolidating the generator's ZeRO shards")
     return consolidate(cfg.run_dir)
 
 
@@ -98,14 +100,31 @@ def sample_and_evaluate(cfg, generator_file: Path, n: int) -> Path:
     from hpc_gan.sample import sample_to_disk
 
     samples, report = cfg.run_dir / "samples", cfg.run_dir / "eval"
-    log.info("5/6 sampling %d patches from %s", n, generator_file.name)
+    log.info("5/7 sampling %d patches from %s", n, generator_file.name)
     sample_to_disk(generator_file, n, samples, fmt="hdf5", seed=0, overwrite=True)
-    log.info("6/6 evaluating them against the real training patches (held-out baseline: test split)")
+    log.info("6/7 evaluating them against the real training patches (held-out baseline: test split)")
     evaluate(str(samples), cfg.data.root, str(report), seed=0)
     return report
 
 
-def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, seconds: float) -> None:
+def downstream_test(cfg, out: Path) -> Path:
+    """A small U-Net trained on real and on generated patches, tested on the real test subject."""
+    from hpc_gan.cli import main as hpc_gan_main
+
+    log.info("7/7 downstream test: a U-Net per training source (real, generated), DSC and bAVD on real volumes")
+    tstr_dir = cfg.run_dir / "tstr"
+    code = hpc_gan_main(["tstr", "--real", cfg.data.root, "--images", str(out / "phantoms/images"),
+                         "--labels", str(out / "phantoms/labels"), "--masks", str(out / "phantoms/masks"),
+                         "--source", "real", "--source", f"{cfg.variant}={cfg.run_dir / 'samples'}",
+                         "--out", str(tstr_dir), "--steps", "100", "--val-every", "25", "--batch", "4", "--lr", "1e-3",
+                         "--channels", "8", "16", "32", "64"])
+    if code != 0:
+        raise RuntimeError("the downstream test failed")
+    return tstr_dir
+
+
+def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, tstr_dir: Path,
+                  seconds: float) -> None:
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
@@ -116,6 +135,7 @@ def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_d
     print(f"consolidated generator: {generator_file}")
     print(f"samples and pictures:   {cfg.run_dir / 'samples'} (montage.png, mip.png)")
     print(f"evaluation report:      {report_dir / 'report.md'} (prd.png, label_stats.png)")
+    print(f"downstream U-Net test:  {tstr_dir / 'table.md'} (scores.csv, boxplots.png, error_map_*.png)")
     print(f"demo finished in {seconds:.0f} s")
 
 

@@ -106,3 +106,13 @@ def test_slurm_without_sbatch(base, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert _submit("--variant", "sn", "--cluster", "slurm") == 2
     _one_line_error(capsys, "no 'sbatch'")
+
+
+def test_tstr_job_needs_the_real_volumes(base, capsys):
+    assert _submit("--variant", "sn", *base, "--job", "tstr") == 2
+    _one_line_error(capsys, "--job tstr needs --images and --labels")
+
+
+def test_evaluation_jobs_need_a_trained_run(base, capsys):
+    assert _submit("--variant", "sn", *base, "--job", "evaluate") == 2
+    _one_line_error(capsys, "no consolidated generator", "train it first")

@@ -54,3 +54,16 @@ def test_bad_sources(real, tmp_path, capsys):
     assert "use real, NAME=SAMPLE_DIR" in capsys.readouterr().err
     assert main(_args(real, tmp_path / "o", f"gan={tmp_path / 'none'}")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compare_merges_downstream_tests_into_one_table(real, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(_args(real, out, "real")) == 0
+    other = tmp_path / "two"
+    other.mkdir()
+    (other / "scores.csv").write_text((out / "scores.csv").read_text().replace("real,", "gp,", 1))
+    capsys.readouterr()
+    assert main(["compare", str(out), str(other), "--plot", str(tmp_path / "box.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| real | 1 |" in table and "| gp | 1 |" in table
+    assert (tmp_path / "box.png").is_file()

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, help="their vessel labels")
     parser.add_argument("--masks", help="their brain masks (enables the intracranial setting)")
     parser.add_argument("--source", action="append", required=True,
-                        help="real | NAME=SAMPLE_DIR | NAME+real=SAMPLE_DIR (repeatable)")
+                        help="real | NAME=SAMPLE_DIR | NAME=GENERATOR.pt | NAME+real=... (repeatable)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=2000, help="maximum training steps per source")
     parser.add_argument("--val-every", type=int, default=100)

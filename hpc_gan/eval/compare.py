@@ -20,8 +20,9 @@ COLUMNS = (("FID", ("fid", "generated_vs_real")), ("FID baseline", ("fid", "held
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reports", nargs="+", help="report directories (from hpc_gan evaluate); named by folder")
-    parser.add_argument("--plot", help="write all PRD curves into this PNG")
+    parser.add_argument("reports", nargs="+", help="report directories (from hpc_gan evaluate, named by folder), or "
+                                                   "downstream-test directories (hpc_gan tstr: merged into Table 3)")
+    parser.add_argument("--plot", help="write all PRD curves (or the DSC/bAVD box plots) into this PNG")
 
 
 def load_report(path: Path) -> dict:
@@ -54,7 +55,30 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def tstr_rows(paths: list[Path]) -> list[dict]:
+    """Per-subject rows of several downstream-test directories (their scores.csv)."""
+    import csv
+
+    rows = []
+    for path in paths:
+        with (path / "scores.csv").open() as handle:
+            for row in csv.DictReader(handle):
+                rows.append({k: v if k in ("source", "subject") else float(v) for k, v in row.items() if v != ""})
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.reports]
+    if paths and all((p / "scores.csv").is_file() for p in paths):  # downstream tests: the paper's Table 3
+        from hpc_gan.eval.segmentation import box_plots_png, summary_table
+        from hpc_gan.eval.tstr import by_source
+
+        rows = tstr_rows(paths)
+        print(summary_table(rows), end="")
+        if args.plot:
+            box_plots_png(by_source(rows), args.plot)
+            print(f"box plots: {args.plot}")
+        return 0
     reports = {Path(p).name or str(p): load_report(Path(p)) for p in args.reports}
     print(table(reports))
     if args.plot:

@@ -8,8 +8,10 @@ Each ``--source`` trains one U-Net (soft Dice, Adam lr 1e-4, early stopping on t
 validation split) on:
 
 * ``real``: the real training patches;
-* ``NAME=DIR``: synthetic pairs, a sample directory (``hpc_gan sample --format hdf5``);
-* ``NAME+real=DIR``: both (the paper's augmentation experiment).
+* ``NAME=DIR``: synthetic pairs, a sample directory (``hpc_gan sample --format hdf5``), or
+  ``NAME=GENERATOR.pt``: a consolidated generator, sampled first (as many patches as the real
+  training split holds) into ``<out>/samples_NAME``;
+* ``NAME+real=...``: synthetic and real together (the paper's augmentation experiment).
 
 Every model is then tested on the held-out real subjects (the manifest's test split), whole
 volumes by sliding-window inference, threshold 0.5: DSC and bAVD (voxels and mm), for all
@@ -55,12 +57,27 @@ def parse_source(text: str) -> Source:
     return Source(name, path, name.endswith("+real"))
 
 
-def training_set(source: Source, real: str):
+def synthetic_samples(source: Source, real: str, out: Path, seed: int) -> str:
+    """The sample directory of a source; a consolidated generator is sampled first."""
+    if not source.samples.endswith(".pt"):
+        return source.samples
+    from hpc_gan.data.manifest import load_manifest
+    from hpc_gan.sample import sample_to_disk
+
+    target = out / f"samples_{source.name}"
+    if not (target / "manifest.json").is_file():
+        n = load_manifest(real).count("train")
+        log.info("source %s: sampling %d patches from %s", source.name, n, source.samples)
+        sample_to_disk(source.samples, n, target, fmt="hdf5", seed=seed, overwrite=True)
+    return str(target)
+
+
+def training_set(source: Source, real: str, samples: str | None):
     from hpc_gan.data.dataset import ShardedPatchDataset
 
     parts = []
-    if source.samples:
-        parts.append(ShardedPatchDataset(source.samples, "train", verify="size"))
+    if samples:
+        parts.append(ShardedPatchDataset(samples, "train", verify="size"))
     if source.with_real:
         parts.append(ShardedPatchDataset(real, "train", verify="size"))
     shapes = {p.patch_shape for p in parts}
@@ -166,7 +183,12 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
     val_set = ShardedPatchDataset(args.real, "val", verify="size")
     rows: list[dict] = []
     for source in sources:
-        dataset, patch_shape = training_set(source, args.real)
+        samples = None
+        if source.samples:
+            if rank == 0:
+                samples = synthetic_samples(source, args.real, out, args.seed)
+            samples = _shared(samples, world)
+        dataset, patch_shape = training_set(source, args.real, samples)
         log.info("source %s: %d training patches", source.name, len(dataset))
         model, best = train_unet(dataset, val_set, args, rank, world)
         if rank == 0:
@@ -176,14 +198,25 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
     if rank == 0:
         write_csv(rows, out / "scores.csv")
         (out / "table.md").write_text(summary_table(rows))
-        box_plots_png(_by_source(rows), out / "boxplots.png")
+        box_plots_png(by_source(rows), out / "boxplots.png")
         settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
         record = {"sources": [vars(s) for s in sources], "rows": rows, "settings": settings}
         (out / "tstr.json").write_text(json.dumps(finite_or_none(record), indent=1))  # inf bAVD -> null
     return rows
 
 
-def _by_source(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+def _shared(value, world: int):
+    """Rank 0's value on every rank."""
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def by_source(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         entry = out.setdefault(row["source"], {})

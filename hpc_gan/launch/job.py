@@ -110,3 +110,33 @@ def newest_consolidated(run_dir):
     if not files:
         raise CheckpointError(f"'{run_dir}' has no consolidated generator; train it first (or run hpc_gan consolidate)")
     return files[-1]
+
+
+class TstrJob:
+    """The downstream test of one training source as a job: a U-Net trained on a variant's
+    samples (sampled first if needed), or on the real patches (``source="real"``), tested on the
+    real test subjects. Writes ``<out>/scores.csv``; ``hpc_gan compare`` merges several."""
+
+    def __init__(self, config: str, source: str, out: str, nifti: dict, steps: int, seed: int = 0) -> None:
+        self.config, self.source, self.out, self.nifti, self.steps, self.seed = config, source, out, nifti, steps, seed
+
+    def __call__(self) -> dict:
+        import argparse
+
+        import submitit
+
+        from hpc_gan import dist
+        from hpc_gan.config import load_resolved
+        from hpc_gan.eval.tstr import run_tstr
+
+        if "SLURM_PROCID" not in os.environ:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = dist.detect()
+        dist.init_process_group(env)
+        cfg = load_resolved(self.config)
+        source = "real" if self.source == "real" else f"{cfg.variant}={newest_consolidated(cfg.run_dir)}"
+        args = argparse.Namespace(real=cfg.data.root, source=[source], out=self.out, steps=self.steps, val_every=100,
+                                  patience=5, batch=cfg.train.batch_size, lr=1e-4, channels=[32, 64, 128, 256],
+                                  seed=self.seed, **self.nifti)
+        run_tstr(args, env.rank, env.world_size)
+        return {"scores": os.path.join(self.out, "scores.csv")}

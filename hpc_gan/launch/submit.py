@@ -60,8 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete existing run directories first")
     parser.add_argument("--dry-run", action="store_true", help="print configs and the sbatch script, submit nothing")
     parser.add_argument("--wait", action="store_true", help="wait until every job has finished")
-    parser.add_argument("--job", choices=("train", "evaluate"), default="train",
-                        help="train (default), or evaluate: sample each trained run and evaluate the samples")
+    parser.add_argument("--job", choices=("train", "evaluate", "tstr"), default="train",
+                        help="train (default); evaluate: sample each trained run and evaluate the samples; "
+                             "tstr: the downstream U-Net test of each trained run (plus real, see --tstr-real)")
+    parser.add_argument("--images", help="--job tstr: NIfTI images of the real subjects")
+    parser.add_argument("--labels", help="--job tstr: their vessel labels")
+    parser.add_argument("--masks", help="--job tstr: their brain masks (intracranial setting)")
+    parser.add_argument("--tstr-real", action="store_true", help="--job tstr: also a U-Net trained on real patches")
+    parser.add_argument("--tstr-steps", type=positive_int, default=2000, help="--job tstr: maximum U-Net steps")
     parser.add_argument("--n-samples", type=positive_int, default=256, help="--job evaluate: samples per variant")
 
 
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.job == "evaluate":
         return submit_evaluation(runs, cluster, args.wait, args.n_samples)
+    if args.job == "tstr":
+        return submit_tstr(runs, cluster, args)
     check_run_dirs(runs, args.resume, args.overwrite)
     return submit(runs, cluster, args.wait, args.overwrite)
 
@@ -211,6 +219,34 @@ def submit_evaluation(runs: list[PlannedRun], cluster: str, wait: bool, n_sample
     print_submitted(record, experiment)
     print("reports: " + ", ".join(str(run.cfg.run_dir / "eval" / "report.md") for run in runs))
     return wait_for(jobs, runs) if wait else 0
+
+
+def submit_tstr(runs: list[PlannedRun], cluster: str, args: argparse.Namespace) -> int:
+    """One array: the downstream test of each trained variant (and of real data with --tstr-real)."""
+    from hpc_gan.launch.job import TstrJob, newest_consolidated
+
+    if not (args.images and args.labels):
+        raise LaunchError("--job tstr needs --images and --labels (and --masks for the intracranial setting)")
+    nifti = {"images": str(Path(args.images).resolve()), "labels": str(Path(args.labels).resolve()),
+             "masks": str(Path(args.masks).resolve()) if args.masks else None}
+    for run in runs:
+        newest_consolidated(run.cfg.run_dir)
+    check_same_resources(runs)
+    experiment = runs[0].cfg.run_dir.parent
+    tasks = [(run, TstrJob(str(run.config_file), run.variant, str(run.cfg.run_dir / "tstr"), nifti, args.tstr_steps))
+             for run in runs]
+    if args.tstr_real:
+        tasks.append((PlannedRun("real", runs[0].cfg, runs[0].config_file),
+                      TstrJob(str(runs[0].config_file), "real", str(experiment / "tstr_real"), nifti, args.tstr_steps)))
+    executor = executor_for(cluster, [run for run, _ in tasks], experiment / "logs")
+    with executor.batch():
+        jobs = [executor.submit(job) for _, job in tasks]
+    record = jobs_record([run for run, _ in tasks], jobs, cluster, experiment / "logs")
+    ckpt.write_atomic(experiment / "tstr_jobs.json", json.dumps(record, indent=1))
+    print_submitted(record, experiment)
+    dirs = " ".join(job.out for _, job in tasks)
+    print(f"table:  hpc_gan compare {dirs}")
+    return wait_for(jobs, [run for run, _ in tasks]) if args.wait else 0
 
 
 def jobs_record(runs, jobs, cluster: str, log_dir: Path) -> dict:
