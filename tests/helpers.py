@@ -51,3 +51,12 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            script, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(capsys, *words: str) -> str:
+    """The command printed one `error: ...` line on stderr naming every word."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for word in words:
+        assert word in err, err
+    return err

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import assert_one_line_error
 from hpc_gan.cli import main
 
 pytestmark = pytest.mark.unit
@@ -19,11 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _fails(capsys, argv, *words):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for word in words:
-        assert word in err, err
-    return err
+    return assert_one_line_error(capsys, *words)
 
 
 def _pack_args(src, out, *extra):

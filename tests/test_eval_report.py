@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import torchrun
+from helpers import assert_one_line_error, torchrun
 from hpc_gan.cli import main
 from hpc_gan.eval.evaluate import evaluate
 
@@ -63,10 +63,7 @@ def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
 
 def _fails(capsys, argv, *words):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for word in words:
-        assert word in err, err
+    return assert_one_line_error(capsys, *words)
 
 
 @pytest.mark.unit

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error
 from hpc_gan.cli import main
 from hpc_gan.config import load_config
 from hpc_gan.launch.slurm_params import slurm_parameters
@@ -38,11 +39,6 @@ def _submit(*argv):
     return main(["submit", *argv])
 
 
-def _one_line_error(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for word in words:
-        assert word in err, err
 
 
 @pytest.fixture
@@ -71,13 +67,13 @@ def test_dry_run_prints_config_deepspeed_and_sbatch(base, capsys):
 ])
 def test_bad_input_is_one_line_and_submits_nothing(base, tmp_path, capsys, argv, words):
     assert _submit(*base, *argv) == 2
-    _one_line_error(capsys, *words)
+    assert_one_line_error(capsys, *words)
     assert not (tmp_path / "runs").exists()
 
 
 def test_missing_manifest(tmp_path, capsys):
     assert _submit("--variant", "sn", "--cluster", "local", "--set", f"data.root={tmp_path / 'nowhere'}") == 2
-    _one_line_error(capsys, "does not exist", "pack")
+    assert_one_line_error(capsys, "does not exist", "pack")
 
 
 def _fake_checkpoint(run_dir: Path, variant: str) -> None:
@@ -93,26 +89,26 @@ def test_existing_checkpoints_are_refused(base, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "run" / "sn"
     _fake_checkpoint(run_dir, "gp")
     assert _submit("--variant", "sn", *base) == 2
-    _one_line_error(capsys, "holds checkpoints of variant 'gp'", "--overwrite")
+    assert_one_line_error(capsys, "holds checkpoints of variant 'gp'", "--overwrite")
     (run_dir / "checkpoints" / "step-00000010" / "state.json").write_text(json.dumps({"variant": "sn"}))
     assert _submit("--variant", "sn", *base) == 2
-    _one_line_error(capsys, "already holds checkpoints", "--resume")
+    assert_one_line_error(capsys, "already holds checkpoints", "--resume")
     assert _submit("--variant", "sn", *base, "--resume", "--overwrite") == 2
-    _one_line_error(capsys, "exclude each other")
+    assert_one_line_error(capsys, "exclude each other")
     assert (run_dir / "checkpoints" / "latest").exists()  # nothing was deleted
 
 
 def test_slurm_without_sbatch(base, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert _submit("--variant", "sn", "--cluster", "slurm") == 2
-    _one_line_error(capsys, "no 'sbatch'")
+    assert_one_line_error(capsys, "no 'sbatch'")
 
 
 def test_tstr_job_needs_the_real_volumes(base, capsys):
     assert _submit("--variant", "sn", *base, "--job", "tstr") == 2
-    _one_line_error(capsys, "--job tstr needs --images and --labels")
+    assert_one_line_error(capsys, "--job tstr needs --images and --labels")
 
 
 def test_evaluation_jobs_need_a_trained_run(base, capsys):
     assert _submit("--variant", "sn", *base, "--job", "evaluate") == 2
-    _one_line_error(capsys, "no consolidated generator", "train it first")
+    assert_one_line_error(capsys, "no consolidated generator", "train it first")

@@ -78,18 +78,11 @@ class EvalJob:
         self.config, self.n, self.seed = config, n, seed
 
     def __call__(self) -> dict:
-        import submitit
-
         from hpc_gan import dist
-        from hpc_gan.config import load_resolved
         from hpc_gan.eval.evaluate import evaluate
         from hpc_gan.sample import sample_to_disk
 
-        if "SLURM_PROCID" not in os.environ:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        env = dist.detect()
-        dist.init_process_group(env)
-        cfg = load_resolved(self.config)
+        env, cfg = _join_job(self.config)
         samples = cfg.run_dir / "samples"
         if env.rank == 0 and not (samples / "manifest.json").is_file():
             sample_to_disk(newest_consolidated(cfg.run_dir), self.n, samples, fmt="hdf5", seed=self.seed,
@@ -98,6 +91,20 @@ class EvalJob:
         evaluate(str(samples), cfg.data.root, str(cfg.run_dir / "eval"), seed=self.seed, rank=env.rank,
                  world_size=env.world_size)
         return {"report": str(cfg.run_dir / "eval" / "report.json")}
+
+
+def _join_job(config: str):
+    """This task's rank in its job's process group, and the trained run's resolved config."""
+    import submitit
+
+    from hpc_gan import dist
+    from hpc_gan.config import load_resolved
+
+    if "SLURM_PROCID" not in os.environ:  # local executor: no SLURM variables to read ranks from
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = dist.detect()
+    dist.init_process_group(env)
+    return env, load_resolved(config)
 
 
 def newest_consolidated(run_dir):
@@ -123,17 +130,9 @@ class TstrJob:
     def __call__(self) -> dict:
         import argparse
 
-        import submitit
-
-        from hpc_gan import dist
-        from hpc_gan.config import load_resolved
         from hpc_gan.eval.tstr import run_tstr
 
-        if "SLURM_PROCID" not in os.environ:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        env = dist.detect()
-        dist.init_process_group(env)
-        cfg = load_resolved(self.config)
+        env, cfg = _join_job(self.config)
         source = "real" if self.source == "real" else f"{cfg.variant}={newest_consolidated(cfg.run_dir)}"
         args = argparse.Namespace(real=cfg.data.root, source=[source], out=self.out, steps=self.steps, val_every=100,
                                   patience=5, batch=cfg.train.batch_size, lr=1e-4, channels=[32, 64, 128, 256],

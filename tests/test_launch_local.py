@@ -1,0 +1,44 @@
+"""The user's path on one machine: launch/submit.py --cluster local for training, then the
+evaluation and downstream-test jobs on the trained run (submitit's local executor)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.multiprocess
+
+
+def _submit(shards: Path, out: Path, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "launch/submit.py"), "--variant", "sn", "--profile", "smoke", "--cluster",
+           "local", "--name", "exp", "--set", f"data.root={shards}", "--set", f"output_root={out}", "--wait", *argv]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+
+
+def test_train_then_evaluate_then_downstream_test(smoke_shards, tmp_path):
+    done = _submit(smoke_shards, tmp_path, "--tasks-per-node", "1", "--set", "train.max_steps=4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "exp" / "sn"
+    assert list((run / "consolidated").glob("generator-step-00000004.pt"))
+
+    done = _submit(smoke_shards, tmp_path, "--tasks-per-node", "2", "--job", "evaluate", "--n-samples", "16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["n"]["generated"] == 15  # 15 real training patches
+
+    nifti = smoke_shards.parent / "nifti"
+    done = _submit(smoke_shards, tmp_path, "--tasks-per-node", "1", "--job", "tstr", "--tstr-real",
+                   "--tstr-steps", "2", "--images", str(nifti / "images"), "--labels", str(nifti / "labels"),
+                   "--masks", str(nifti / "masks"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    sources = [row["source"] for d in (run / "tstr", tmp_path / "exp" / "tstr_real")
+               for row in csv.DictReader((d / "scores.csv").open())]
+    assert sources == ["sn", "real"]
