@@ -103,7 +103,10 @@ class TrainConfig:
         1, "ZeRO stage of the critic engine (3 is impossible: the penalty's double backward).", min=1, max=2
     )
     offload_optimizer: bool = opt(False, "Keep optimizer states in CPU memory (ZeRO-2/3 only).")
-    activation_checkpointing: bool = opt(False, "Recompute block activations in backward to save memory.")
+    activation_checkpointing: bool = opt(
+        False, "Recompute the generator's upsample+conv activations in backward to save memory (the critic is "
+        "not checkpointed: its spectral-norm power iteration would run twice)."
+    )
     sync_batchnorm: bool = opt(
         False, "Generator BatchNorm over the global batch (SyncBatchNorm) instead of each rank's batch."
     )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "CRITIC_NORMS",
@@ -208,6 +209,9 @@ class Generator(nn.Module):
         self.patch_shape = _check_patch_shape(patch_shape)
         self.out_channels = _check_positive_int("out_channels", out_channels)
         self.start_shape = tuple(s >> _GENERATOR_UPSAMPLINGS for s in self.patch_shape)
+        # Activation checkpointing of the up blocks (train.activation_checkpointing): less memory,
+        # one more convolution forward per block in backward. Same results as without.
+        self.checkpointing = False
 
         self.project = nn.Linear(self.latent_dim, self.ngf * math.prod(self.start_shape))
         self.net = nn.Sequential(
@@ -241,7 +245,17 @@ class Generator(nn.Module):
         """
         h = self.project(z)  # (B, ngf * s0 * s1 * s2)
         h = h.view(z.shape[0], self.ngf, *self.start_shape)  # (B, ngf, 16, 16, 8) for 128x128x64
-        return self.net(h)  # (B, out_channels, 128, 128, 64)
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return self.net(h)  # (B, out_channels, 128, 128, 64)
+        for layer in self.net:
+            if isinstance(layer, nn.Sequential):  # an up block: upsample, conv, BatchNorm, ReLU
+                # Recompute upsample + conv in backward instead of keeping their large outputs.
+                # BatchNorm stays outside: recomputing it would update its running statistics twice.
+                h = checkpoint(layer[0:2], h, use_reentrant=False)  # (B, C/2, 2X, 2Y, 2Z)
+                h = layer[3](layer[2](h))
+            else:
+                h = layer(h)
+        return h
 
     def sample_latent(
         self,
