@@ -27,6 +27,7 @@ COMMANDS = {
     "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
     "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
     "sample": ("hpc_gan.sample_cli", "generate patches from a consolidated generator"),
+    "plan": ("hpc_gan.plan", "per-rank memory estimate and the largest batch that fits"),
 }
 EXIT_USER_ERROR = 2
 

@@ -28,6 +28,7 @@ from hpc_gan.cli_types import positive_int
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.errors import LaunchError
 from hpc_gan.launch.slurm_params import slurm_parameters
+from hpc_gan.plan import DEFAULT_GPU_MEMORY_GB, fit_warnings, positive_float
 from hpc_gan.train import checkpoint as ckpt
 
 JOBS_FILE = "jobs.json"
@@ -69,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tstr-real", action="store_true", help="--job tstr: also a U-Net trained on real patches")
     parser.add_argument("--tstr-steps", type=positive_int, default=2000, help="--job tstr: maximum U-Net steps")
     parser.add_argument("--n-samples", type=positive_int, default=256, help="--job evaluate: samples per variant")
+    parser.add_argument("--gpu-memory-gb", type=positive_float, default=DEFAULT_GPU_MEMORY_GB,
+                        help="GiB per GPU for the memory estimate (train jobs warn when a run will not fit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.job == "tstr":
         return submit_tstr(runs, cluster, args)
     check_run_dirs(runs, args.resume, args.overwrite)
+    for line in fit_warnings(runs, args.gpu_memory_gb):  # warn only: the estimate is an estimate
+        print(line, file=sys.stderr)
     return submit(runs, cluster, args.wait, args.overwrite)
 
 
