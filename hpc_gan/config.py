@@ -104,8 +104,8 @@ class TrainConfig:
     )
     offload_optimizer: bool = opt(False, "Keep optimizer states in CPU memory (ZeRO-2/3 only).")
     activation_checkpointing: bool = opt(
-        False, "Recompute the generator's upsample+conv activations in backward to save memory (the critic is "
-        "not checkpointed: its spectral-norm power iteration would run twice)."
+        False, "Recompute block activations in backward to save memory: the generator's upsample+conv, the "
+        "critic's blocks unless it uses spectral norm (its power iteration would run twice)."
     )
     sync_batchnorm: bool = opt(
         False, "Generator BatchNorm over the global batch (SyncBatchNorm) instead of each rank's batch."

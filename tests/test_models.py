@@ -323,14 +323,14 @@ def test_wgan_gp_critic_loss_backward(norm):
 
 @pytest.mark.unit
 def test_activation_checkpointing_gives_the_same_losses_and_gradients():
-    """Checkpointed up blocks: same outputs, gradients and BatchNorm statistics, with the
-    gradient penalty's double backward through the critic in the same iteration."""
+    """Checkpointed generator and critic blocks: same outputs, gradients and BatchNorm statistics,
+    with the gradient penalty's double backward through the checkpointed critic."""
     from hpc_gan.train.penalty import gradient_penalty
 
     def iteration(checkpointing: bool):
         torch.manual_seed(0)
         g, d = Generator(8, 16, (32, 32, 16)), Critic(16, (32, 32, 16), norm="instance")
-        g.checkpointing = checkpointing
+        g.checkpointing = d.checkpointing = checkpointing
         z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
         real = torch.rand(3, 2, 32, 32, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
         fake = g(z)

@@ -40,6 +40,14 @@ def test_zero_stages_and_precisions_train(report, stage, precision):
     assert run["moved"] > 1e-5  # the generator's weights changed
 
 
+def test_zero3_with_offload_and_checkpointing_trains_like_zero1(report):
+    run = report["matrix"]["zero3_offload_checkpointing"]
+    assert run["record"]["step"] == 3 and run["moved"] > 1e-5
+    reference = report["matrix"]["zero1_fp32"]["record"]
+    for key in ("loss_critic", "loss_generator"):
+        assert abs(run["record"][key] - reference[key]) <= 1e-4 * max(1.0, abs(reference[key]))
+
+
 def test_zero_stages_agree_in_fp32(report):
     losses = {report["matrix"][f"zero{s}_fp32"]["record"]["loss_critic"] for s in (1, 2, 3)}
     assert max(losses) - min(losses) < 1e-4 * max(abs(v) for v in losses)

@@ -349,6 +349,9 @@ class Critic(nn.Module):
             self.ndf >> (_CRITIC_DOWNSAMPLINGS - 1 - i) for i in range(_CRITIC_DOWNSAMPLINGS)
         ]
         self.net = nn.Sequential(*(self._down_block(a, b) for a, b in zip(widths, widths[1:])))
+        # Activation checkpointing of the down blocks. Not with spectral norm: recomputing a block
+        # would run the power iteration a second time and change the normalised weight.
+        self.checkpointing = False
         self.score = nn.Linear(self.ndf * math.prod(self.end_shape), 1)
         init_weights(self)
         if norm == "spectral":
@@ -382,5 +385,10 @@ class Critic(nn.Module):
         Returns:
             One unbounded score per patch, shape (B,).
         """
-        h = self.net(x)  # (B, ndf, 8, 8, 4) for 128x128x64
+        if self.checkpointing and self.norm != "spectral" and torch.is_grad_enabled():
+            h = x
+            for block in self.net:  # recomputed in backward, the penalty's double backward included
+                h = checkpoint(block, h, use_reentrant=False)
+        else:
+            h = self.net(x)  # (B, ndf, 8, 8, 4) for 128x128x64
         return self.score(h.flatten(1)).squeeze(1)  # (B, 1) -> (B,)

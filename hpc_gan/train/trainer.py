@@ -73,7 +73,7 @@ class Trainer:
 
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights (and spectral-norm vectors) on all ranks
         generator, critic = build_generator(self.cfg.model), build_critic(self.cfg.model)
-        generator.checkpointing = self.cfg.train.activation_checkpointing
+        generator.checkpointing = critic.checkpointing = self.cfg.train.activation_checkpointing
         if self.cfg.train.sync_batchnorm:
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         self.parameters = {"generator": count_parameters(generator), "critic": count_parameters(critic)}

@@ -56,6 +56,12 @@ def matrix(data, work) -> dict:
             record = t.fit()
             after = _gathered_generator(t)
             out[name] = {"record": record, "moved": float((after - before).abs().max())}
+    # the xl_sn_mp recipe at small size: generator ZeRO-3 with optimizer offload and activation checkpointing
+    t = make_trainer(data, work / "zero3_offload", train__zero_stage_generator=3, train__zero_stage_critic=2,
+                     train__offload_optimizer="true", train__activation_checkpointing="true", train__max_steps=3)
+    before = _gathered_generator(t)
+    record = t.fit()
+    out["zero3_offload_checkpointing"] = {"record": record, "moved": float((_gathered_generator(t) - before).abs().max())}
     return out
 
 
