@@ -38,12 +38,15 @@ def test_identical_sets_score_as_identical(report):
     assert prd["F_8"] > 0.95 and prd["F_1/8"] > 0.95
     assert "error" in result["prd"]["heldout_reference"]           # 10 held-out patches < 20 clusters
     assert result["label_realism"]["vessel_fraction"]["wasserstein"] == pytest.approx(0.0, abs=1e-12)
+    # the "generated" set is the training set: the audit must flag every patch as a copy
+    assert result["memorisation"]["voxel"]["fraction_below_heldout_p1"] == 1.0
+    assert result["memorisation"]["feature"]["fraction_below_heldout_p1"] == 1.0
 
 
 @pytest.mark.unit
 def test_report_files_name_the_extractor(report):
     result, out = report
-    assert {"report.json", "report.md", "prd.png", "label_stats.png"} <= {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "prd.png", "label_stats.png", "closest_pairs.png"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "report.json").read_text())
     assert saved["extractor"]["weights"] == "random" and saved["extractor"]["comparable"] is False
     assert "not comparable with published FIDs" in (out / "report.md").read_text()

@@ -12,7 +12,8 @@ Sets (all of the same patch shape, N = min(#generated, #real training patches)):
 
 Every rank embeds its share of each set; FID's sufficient statistics are all-reduced; the
 features are gathered for PRD, precision/recall and density/coverage; rank 0 computes the rest
-and writes ``report.json``, ``report.md``, ``prd.png`` and ``label_stats.png``.
+and writes ``report.json``, ``report.md``, ``prd.png``, ``label_stats.png`` and
+``closest_pairs.png`` (the memorisation audit's closest generated/training pairs).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
                                     channel)
     held = embed_real(sets.heldout, heldout_split, extractor, identity, cache, rank, world_size, seed, batch,
                       channel) if sets.heldout else None
+    memorisation = audit(sets, gen_f, real_f, held, rank, world_size)  # collective: every rank
     if rank != 0:
         return None
     report = {
@@ -145,8 +147,21 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     report["nearest_neighbours"] = nn_figures(real_f, gen_f, held[0] if held else None)
     report["diversity_ms_ssim"] = diversity(sets.generated, seed)
     report["label_realism"] = label_figures(sets, Path(out))
+    report["memorisation"] = memorisation
+    from hpc_gan.privacy.audit import closest_pairs_png
+
+    closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"], Path(out) / "closest_pairs.png")
     write_report(report, Path(out))
     return report
+
+
+def audit(sets: EvalSets, gen_f, real_f, held, rank: int, world_size: int) -> dict:
+    """Memorisation audit against the evaluated training patches, in voxel and feature space."""
+    from hpc_gan.privacy.audit import memorisation_audit_distributed
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return memorisation_audit_distributed(sets.generated, sets.real, sets.heldout, gen_f, real_f,
+                                          held[0] if held else None, device=device, rank=rank, world_size=world_size)
 
 
 def prd_figures(generated: np.ndarray, real: np.ndarray, heldout: np.ndarray | None, seed: int) -> dict:
@@ -257,5 +272,16 @@ def markdown(report: dict) -> str:
               "| label statistic | Wasserstein distance real↔generated | KS statistic |", "|---|---|---|"]
     for name, figures in report["label_realism"].items():
         lines.append(f"| {name} | {_fmt(figures.get('wasserstein'))} | {_fmt(figures.get('ks'))} |")
-    lines += ["", "Pictures: `prd.png` (PRD curves), `label_stats.png` (label histograms)."]
+    lines += ["", "Memorisation audit (distance of each generated patch to its nearest training patch, against the "
+              "same distance of held-out real patches):", "",
+              "| space | fraction of generated below the held-out 1st percentile | near copies | "
+              "median generated→train | median held-out→train |", "|---|---|---|---|---|"]
+    for space in ("voxel", "feature"):
+        audit_space = report["memorisation"].get(space)
+        if audit_space:
+            lines.append(f"| {space} | {_fmt(audit_space.get('fraction_below_heldout_p1'))} | "
+                         f"{_fmt(audit_space.get('n_below'))} | {_fmt(audit_space.get('median_generated_to_train'))} | "
+                         f"{_fmt(audit_space.get('median_heldout_to_train'))} |")
+    lines += ["", "Pictures: `prd.png` (PRD curves), `label_stats.png` (label histograms), `closest_pairs.png` "
+              "(closest generated/training pairs)."]
     return "\n".join(lines) + "\n"

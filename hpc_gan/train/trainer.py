@@ -46,7 +46,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
         if cfg.privacy.enabled:
             raise ConfigError("variant dp (DP-SGD critic) cannot be trained by this DeepSpeed trainer (DeepSpeed "
-                              "computes no per-sample gradients) and its Opacus route is not built yet")
+                              "computes no per-sample gradients); its Opacus route, hpc_gan.privacy.dp_critic.train_dp, "
+                              "runs in one process and writes no checkpoints yet")
         self.cfg, self.env = cfg, env
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
