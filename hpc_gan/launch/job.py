@@ -44,6 +44,10 @@ class TrainJob:
             return {"config": self.config, "status": "stopped for requeue"}
         if code != 0:
             raise RuntimeError(f"training failed with exit status {code}; the error line is in this task's log")
+        # Training is over: a time-limit signal now has nothing left to save. Ignore it, or it would
+        # kill the task while it consolidates or exits (Python restores the default action, which
+        # terminates, when it shuts down) and SLURM would record a finished run as FAILED.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         result = {"config": self.config, "status": "completed"}
         if _global_rank() == 0:  # the file users pull and sample from
             result["consolidated"] = str(_consolidate(self.config))
