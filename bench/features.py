@@ -41,12 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hpc_gan.cli_types import shape3  # noqa: E402
-from hpc_gan.dist import free_port  # noqa: E402
+from hpc_gan.dist import free_port, without_launcher_env  # noqa: E402
 
 from _report import emit  # noqa: E402
 
 TARGET_RATIO = 1.7
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_", "SLURM_", "PMI_", "OMPI_", "OMP_NUM_THREADS")
 
 
 def log(message: str) -> None:
@@ -135,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(args: argparse.Namespace, nproc: int, threads: int, work: Path) -> dict:
     result = work / f"w{nproc}_t{threads}.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
+    env = without_launcher_env()
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

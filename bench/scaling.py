@@ -42,7 +42,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 HERE = Path(__file__).resolve()
 BYTES_FP32 = 4
-_LAUNCH_ENV_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_")
 
 
 def _overrides(args: argparse.Namespace, data_root: str | None = None, output_root: str | None = None) -> list[str]:
@@ -96,9 +95,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(nproc: int, args: argparse.Namespace, data_root: Path, run_root: Path, result: Path) -> dict:
-    from hpc_gan.dist import free_port
+    from hpc_gan.dist import free_port, without_launcher_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_ENV_PREFIXES)}
+    env = without_launcher_env()
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(HERE), "--worker",
@@ -118,15 +117,11 @@ def launch(nproc: int, args: argparse.Namespace, data_root: Path, run_root: Path
 
 
 def model_parameters(variant: str, profile: str) -> dict:
-    import torch
-
     from hpc_gan.config import load_config
-    from hpc_gan.models import build_critic, build_generator, count_parameters
+    from hpc_gan.plan import count_model_parameters
 
-    cfg = load_config(variant, profile)
-    with torch.device("meta"):
-        g, c = build_generator(cfg.model), build_critic(cfg.model)
-    return {"generator": count_parameters(g), "critic": count_parameters(c)}
+    generator, critic = count_model_parameters(load_config(variant, profile).model)
+    return {"generator": generator, "critic": critic}
 
 
 def run(args: argparse.Namespace) -> dict:

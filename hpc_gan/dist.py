@@ -437,6 +437,17 @@ def is_rank0() -> bool:
     return detect().rank == 0
 
 
+# Variables through which torchrun, srun and mpiexec tell a process its rank.
+LAUNCHER_ENV_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "GROUP_RANK", "ROLE_", "TORCHELASTIC_",
+                         "SLURM_", "PMI_", "OMPI_", "MPI_LOCAL", "HYDRA_")
+
+
+def without_launcher_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """A copy of ``environ`` without any launcher's rank variables, for starting a new job from
+    inside one (a test or benchmark may itself run under torchrun or srun)."""
+    return {k: v for k, v in environ.items() if not k.startswith(LAUNCHER_ENV_PREFIXES)}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now on this machine, for a launcher's rendezvous (torchrun needs
     a real port: with 0 each rank would pick its own)."""

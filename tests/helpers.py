@@ -42,11 +42,10 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600):
     import subprocess
     import sys
 
-    from hpc_gan.dist import free_port
+    from hpc_gan.dist import free_port, without_launcher_env
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_",
-                                                                     "SLURM_", "PMI_", "OMPI_"))}
+    env = without_launcher_env()
     env["DS_ACCELERATOR"] = "cpu"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            script, *args]

@@ -124,10 +124,16 @@ def test_no_launcher_is_a_single_process():
 
 
 @pytest.mark.unit
+def test_without_launcher_env_drops_every_launchers_rank_variables():
+    environ = {**TORCHRUN, "SLURM_PROCID": "1", "PMI_RANK": "0", "OMPI_COMM_WORLD_RANK": "2", "PATH": "/bin",
+               "HOME": "/root"}
+    assert dist.without_launcher_env(environ) == {"PATH": "/bin", "HOME": "/root"}
+
+
+@pytest.mark.unit
 def test_detect_reads_os_environ_by_default(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(("SLURM_", "PMI_", "OMPI_")) or name in TORCHRUN:
-            monkeypatch.delenv(name)
+    for name in set(os.environ) - set(dist.without_launcher_env()):
+        monkeypatch.delenv(name)
     monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("PMI_SIZE", "1")
     assert detect().launcher == "mpi"
@@ -274,8 +280,7 @@ td.destroy_process_group()
 
 def _clean_env() -> dict[str, str]:
     """This environment minus any launcher's variables (the test may itself run under one)."""
-    launcher = ("SLURM_", "PMI_", "OMPI_", "MPI_LOCAL", "HYDRA_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher) and k not in TORCHRUN}
+    env = dist.without_launcher_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_gan.dist import free_port
+from hpc_gan.dist import free_port, without_launcher_env
 from hpc_gan.eval.features import RealStatsCache, extract_features, gather_features, noise_generator
 from hpc_gan.models.resnet3d import build_extractor
 
@@ -151,8 +151,7 @@ def test_cache_rejects_unsafe_keys_and_ignores_damaged_entries(tmp_path, caplog)
 @pytest.mark.multiprocess
 @pytest.mark.timeout(130)
 def test_two_ranks_gather_the_single_process_features(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_", "SLURM_", "PMI_", "OMPI_"))}
+    env = without_launcher_env()
     env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     report = tmp_path / "report.json"

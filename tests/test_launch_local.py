@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hpc_gan.dist import without_launcher_env
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.multiprocess
 def _submit(shards: Path, out: Path, *argv: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "launch/submit.py"), "--variant", "sn", "--profile", "smoke", "--cluster",
            "local", "--name", "exp", "--set", f"data.root={shards}", "--set", f"output_root={out}", "--wait", *argv]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
+    env = without_launcher_env()
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
 
 
