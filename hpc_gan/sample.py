@@ -46,6 +46,7 @@ from hpc_gan.data.manifest import MANIFEST, load_manifest, write_manifest
 from hpc_gan.data.nifti import file_sha256, save_nifti
 from hpc_gan.data.phantom import mip
 from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
+from hpc_gan.plots import new_figure, save_png
 from hpc_gan.errors import DataError, HpcGanError
 from hpc_gan.models import Generator
 
@@ -309,22 +310,6 @@ def _now() -> str:
 # Pictures
 
 
-def _new_figure(figsize: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend state
-    return fig
-
-
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
 def _show(ax, plane: np.ndarray, spacing, vmin: float, vmax: float, title: str) -> None:
     # Transposed with origin lower: x across, y up, as seen from above (as the phantom MIPs).
     ax.imshow(plane.T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, aspect=spacing[1] / spacing[0],
@@ -346,7 +331,7 @@ def save_montage(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike
     n = min(len(images), MONTAGE_SAMPLES)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = _new_figure((2.2 * 2 * cols, 2.3 * rows))
+    fig = new_figure((2.2 * 2 * cols, 2.3 * rows))
     axes = np.atleast_2d(fig.subplots(rows, 2 * cols, squeeze=False))
     for ax in axes.flat:
         ax.set_axis_off()
@@ -356,7 +341,7 @@ def save_montage(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike
         _show(axes[row, 2 * col], images[i, :, :, z], spacing, -1.0, 1.0, f"#{i} image, mid-axial")
         _show(axes[row, 2 * col + 1], labels[i, :, :, z], spacing, 0.0, 1.0, f"#{i} label")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def save_mip(image: np.ndarray, label: np.ndarray, path: str | os.PathLike,
@@ -369,12 +354,12 @@ def save_mip(image: np.ndarray, label: np.ndarray, path: str | os.PathLike,
         path: PNG file to write.
         spacing: voxel size, for the aspect ratio.
     """
-    fig = _new_figure((9, 4.8))
+    fig = new_figure((9, 4.8))
     ax_image, ax_label = fig.subplots(1, 2)
     _show(ax_image, mip(image), spacing, -1.0, 1.0, "axial MIP, generated image")
     _show(ax_label, mip(label), spacing, 0.0, 1.0, "axial MIP, generated vessel label")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 class _KeepForPictures:

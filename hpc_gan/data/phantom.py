@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import logging
 import math
 import multiprocessing
@@ -461,20 +460,16 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str, is_label: bool
 
 
 def _save_mip_png(ph: Phantom, spacing, path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from hpc_gan.plots import new_figure, save_png
 
-    fig = Figure(figsize=(9, 4.8), dpi=100)
-    FigureCanvasAgg(fig)                          # Agg without pyplot: no global backend state
+    fig = new_figure((9, 4.8))
     for ax, vol, title in zip(fig.subplots(1, 2), (ph.image, ph.label), ("image", "vessel label")):
         # Transposed with origin lower: x (right) across, y (anterior) up, as seen from above.
         ax.imshow(mip(vol).T, origin="lower", cmap="gray", aspect=spacing[1] / spacing[0],
                   interpolation="nearest")
         ax.set(title=f"axial MIP, {title}", xlabel="x (R)", ylabel="y (A)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -22,7 +22,6 @@ two-sample Kolmogorov-Smirnov statistic (lower = more alike).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, stats
@@ -123,11 +122,9 @@ def plot_label_histograms(real_stats: dict, fake_stats: dict, path: str | os.Pat
         path: PNG file to write.
         radius_unit: axis label of the radius ("mm", or "voxels" when no spacing was given).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from hpc_gan.plots import new_figure, save_png
 
-    fig = Figure(figsize=(13, 3.8), dpi=100)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend state
+    fig = new_figure((13, 3.8))
     titles = {"vessel_fraction": "vessel-voxel fraction", "components": "26-connected components",
               "radius": f"centre-line radius ({radius_unit})"}
     for ax, name in zip(fig.subplots(1, 3), STATISTICS):
@@ -144,7 +141,4 @@ def plot_label_histograms(real_stats: dict, fake_stats: dict, path: str | os.Pat
         ax.set(title=titles[name], ylabel="density")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    save_png(fig, path)

@@ -312,13 +312,11 @@ def plot_prd(curves: Mapping[str, tuple[Any, Any]], path: str | Path, title: str
     Raises:
         ValueError: no curves, or a curve's arrays differ in shape.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from hpc_gan.plots import new_figure, save_png
 
     if not curves:
         raise ValueError("plot_prd needs at least one curve")
-    fig = Figure(figsize=(5, 5), dpi=150)
-    FigureCanvasAgg(fig)
+    fig = new_figure((5, 5), dpi=150)
     ax = fig.add_subplot()
     for label, (precision, recall) in curves.items():
         precision, recall = _curve(precision, recall)
@@ -328,7 +326,4 @@ def plot_prd(curves: Mapping[str, tuple[Any, Any]], path: str | Path, title: str
     ax.legend(loc="lower left")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
+    return save_png(fig, path, bbox_inches="tight")

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpc_gan.data.phantom import mip
+from hpc_gan.plots import new_figure, save_png
 from hpc_gan.errors import DataError
 
 INTRACRANIAL = "intracranial_"
@@ -189,23 +190,6 @@ def _scores(pred: np.ndarray, truth: np.ndarray, spacing, prefix: str) -> dict[s
 # --------------------------------------------------------------------------- figures
 
 
-def _save_figure(fig, path) -> None:
-    """Writes the PNG under a temporary name first, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def _new_figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend state
-    return fig
-
-
 def error_map_rgb(image, pred, truth, axis: int = 2) -> np.ndarray:
     """The error map as an RGB array: MIP of the image in grey with projected TP, FP and FN.
 
@@ -256,7 +240,7 @@ def error_map_png(image, pred, truth, path, axis: int = 2, spacing=None) -> None
     if spacing is not None:
         spacing = _check_spacing("spacing", spacing)
         aspect = spacing[rows] / spacing[cols]              # drawn transposed: P runs along x
-    fig = _new_figure((7, 6))
+    fig = new_figure((7, 6))
     ax = fig.add_subplot()
     ax.imshow(np.transpose(rgb, (1, 0, 2)), origin="lower", aspect=aspect, interpolation="nearest")
     ax.set(xlabel=f"axis {rows}", ylabel=f"axis {cols}", xticks=[], yticks=[])
@@ -264,7 +248,7 @@ def error_map_png(image, pred, truth, path, axis: int = 2, spacing=None) -> None
                                          (FN_COLOUR, "false negative"))]
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def _patch(colour, label):
@@ -296,7 +280,7 @@ def box_plots_png(scores: dict[str, dict[str, list[float]]], path, bavd_key: str
     settings = [s for s in SETTINGS
                 if any(f"{s[1]}dsc" in per or f"{s[1]}{bavd_key}" in per for per in scores.values())]
     metrics = (("dsc", "DSC"), (bavd_key, f"bAVD ({'voxels' if bavd_key == 'bavd_voxels' else 'mm'})"))
-    fig = _new_figure((4.5 * len(settings), 7))
+    fig = new_figure((4.5 * len(settings), 7))
     axes = fig.subplots(2, len(settings), squeeze=False)
     sources = list(scores)
     for col, (setting, prefix) in enumerate(settings):
@@ -310,7 +294,7 @@ def box_plots_png(scores: dict[str, dict[str, list[float]]], path, bavd_key: str
             note = f" ({dropped} non-finite left out)" if dropped else ""
             ax.set(title=f"{title}, {setting}", ylabel=title + note)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- tables

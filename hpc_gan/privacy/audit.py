@@ -301,12 +301,10 @@ def closest_pairs_png(generated: Any, train: Any, pairs: Sequence[dict], path: s
     Returns:
         ``path`` as a ``Path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from hpc_gan.plots import new_figure, save_png
 
     rows = max(len(pairs), 1)
-    fig = Figure(figsize=(4.4, 2.2 * rows), dpi=100)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend state
+    fig = new_figure((4.4, 2.2 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
     if not pairs:
         axes[0, 0].text(0.5, 0.5, "no generated patch closer to the training set\nthan the held-out threshold",
@@ -323,9 +321,4 @@ def closest_pairs_png(generated: Any, train: Any, pairs: Sequence[dict], path: s
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
