@@ -189,68 +189,67 @@ def check_same_resources(runs: list[PlannedRun]) -> None:
                               "config files); submit them separately or set the cluster keys with --set")
 
 
+def submit_array(tasks: list[tuple[PlannedRun, object]], cluster: str, record_file: str) -> list:
+    """Submit one job per (run, job callable) as one array; record and print the job ids."""
+    runs = [run for run, _ in tasks]
+    check_same_resources(runs)
+    experiment = runs[0].cfg.run_dir.parent
+    executor = executor_for(cluster, runs, experiment / "logs")
+    with executor.batch():
+        jobs = [executor.submit(job) for _, job in tasks]
+    record = jobs_record(runs, jobs, cluster, experiment / "logs")
+    ckpt.write_atomic(experiment / record_file, json.dumps(record, indent=1))
+    print_submitted(record, experiment)
+    return jobs
+
+
 def submit(runs: list[PlannedRun], cluster: str, wait: bool, overwrite: bool = False) -> int:
     from hpc_gan.launch.job import TrainJob
 
-    check_same_resources(runs)
+    check_same_resources(runs)  # before write_configs touches a run directory
     write_configs(runs, overwrite)
-    experiment = runs[0].cfg.run_dir.parent
-    log_dir = experiment / "logs"
-    executor = executor_for(cluster, runs, log_dir)
-    with executor.batch():
-        jobs = [executor.submit(TrainJob(str(run.config_file))) for run in runs]
-    record = jobs_record(runs, jobs, cluster, log_dir)
-    ckpt.write_atomic(experiment / JOBS_FILE, json.dumps(record, indent=1))
-    print_submitted(record, experiment)
+    jobs = submit_array([(run, TrainJob(str(run.config_file))) for run in runs], cluster, JOBS_FILE)
     return wait_for(jobs, runs) if wait else 0
+
+
+def check_trained(runs: list[PlannedRun]) -> None:
+    """Refuse before submitting a job that needs a trained run which is not there."""
+    from hpc_gan.launch.job import newest_consolidated
+
+    for run in runs:
+        newest_consolidated(run.cfg.run_dir)  # nothing to sample from
+        if not run.config_file.is_file():
+            raise LaunchError(f"'{run.config_file}' is missing: was {run.variant} trained with this --name?")
 
 
 def submit_evaluation(runs: list[PlannedRun], cluster: str, wait: bool, n_samples: int) -> int:
     """One evaluation job per trained variant (sample, then evaluate), as one array."""
-    from hpc_gan.launch.job import EvalJob, newest_consolidated
+    from hpc_gan.launch.job import EvalJob
 
-    for run in runs:
-        newest_consolidated(run.cfg.run_dir)  # refuse before submitting: nothing to sample from
-        if not run.config_file.is_file():
-            raise LaunchError(f"'{run.config_file}' is missing: was {run.variant} trained with this --name?")
-    check_same_resources(runs)
-    experiment = runs[0].cfg.run_dir.parent
-    log_dir = experiment / "logs"
-    executor = executor_for(cluster, runs, log_dir)
-    with executor.batch():
-        jobs = [executor.submit(EvalJob(str(run.config_file), n_samples, run.cfg.train.seed)) for run in runs]
-    record = jobs_record(runs, jobs, cluster, log_dir)
-    ckpt.write_atomic(experiment / "eval_jobs.json", json.dumps(record, indent=1))
-    print_submitted(record, experiment)
+    check_trained(runs)
+    tasks = [(run, EvalJob(str(run.config_file), n_samples, run.cfg.train.seed)) for run in runs]
+    jobs = submit_array(tasks, cluster, "eval_jobs.json")
     print("reports: " + ", ".join(str(run.cfg.run_dir / "eval" / "report.md") for run in runs))
     return wait_for(jobs, runs) if wait else 0
 
 
 def submit_tstr(runs: list[PlannedRun], cluster: str, args: argparse.Namespace) -> int:
     """One array: the downstream test of each trained variant (and of real data with --tstr-real)."""
-    from hpc_gan.launch.job import TstrJob, newest_consolidated
+    from hpc_gan.launch.job import TstrJob
 
     if not (args.images and args.labels):
         raise LaunchError("--job tstr needs --images and --labels (and --masks for the intracranial setting)")
     nifti = {"images": str(Path(args.images).resolve()), "labels": str(Path(args.labels).resolve()),
              "masks": str(Path(args.masks).resolve()) if args.masks else None}
-    for run in runs:
-        newest_consolidated(run.cfg.run_dir)
-    check_same_resources(runs)
+    check_trained(runs)
     experiment = runs[0].cfg.run_dir.parent
     tasks = [(run, TstrJob(str(run.config_file), run.variant, str(run.cfg.run_dir / "tstr"), nifti, args.tstr_steps))
              for run in runs]
     if args.tstr_real:
         tasks.append((PlannedRun("real", runs[0].cfg, runs[0].config_file),
                       TstrJob(str(runs[0].config_file), "real", str(experiment / "tstr_real"), nifti, args.tstr_steps)))
-    executor = executor_for(cluster, [run for run, _ in tasks], experiment / "logs")
-    with executor.batch():
-        jobs = [executor.submit(job) for _, job in tasks]
-    record = jobs_record([run for run, _ in tasks], jobs, cluster, experiment / "logs")
-    ckpt.write_atomic(experiment / "tstr_jobs.json", json.dumps(record, indent=1))
-    print_submitted(record, experiment)
-    dirs = " ".join(job.out for _, job in tasks)
-    print(f"table:  hpc_gan compare {dirs}")
+    jobs = submit_array(tasks, cluster, "tstr_jobs.json")
+    print(f"table:  hpc_gan compare {' '.join(job.out for _, job in tasks)}")
     return wait_for(jobs, [run for run, _ in tasks]) if args.wait else 0
 
 
