@@ -37,14 +37,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def demo_overrides(out: Path, steps: int) -> list[str]:
+    """The demo's changes to the sn variant's smoke profile (the same for the config and the job)."""
+    return [f"data.root={out / 'shards'}", f"output_root={out / 'runs'}", "name=demo", f"train.max_steps={steps}",
+            "train.log_every=50", "train.checkpoint_every=100", "data.verify=full"]
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    cfg = load_config("sn", profile="smoke", overrides=[
-        f"data.root={out / 'shards'}", f"output_root={out / 'runs'}", "name=demo", f"train.max_steps={args.steps}",
-        "train.log_every=50", "train.checkpoint_every=100", "data.verify=full"])
+    overrides = demo_overrides(out, args.steps)
+    cfg = load_config("sn", profile="smoke", overrides=overrides)
     started = time.perf_counter()
     ids = make_data(args, cfg, out)
-    train(cfg, args.ranks, args.steps)
+    train(cfg, args.ranks, overrides)
     generator_file = consolidate_run(cfg)
     report_dir = sample_and_evaluate(cfg, generator_file, args.samples)
     tstr_dir = downstream_test(cfg, out)
@@ -63,7 +68,7 @@ def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
     return ids
 
 
-def train(cfg, ranks: int, steps: int) -> None:
+def train(cfg, ranks: int, overrides: list[str]) -> None:
     """Submit the training as a user would (launch/submit.py --cluster local), and wait for it."""
     from hpc_gan.cli import main as hpc_gan_main
 
@@ -71,21 +76,13 @@ def train(cfg, ranks: int, steps: int) -> None:
              cfg.train.max_steps, ranks)
     code = hpc_gan_main(["submit", "--variant", cfg.variant, "--profile", cfg.profile, "--cluster", "local",
                          "--tasks-per-node", str(ranks), "--name", cfg.name, "--overwrite", "--wait",
-                         *[arg for key in DEMO_SETS for arg in ("--set", f"{key}={_value(cfg, key)}")]])
+                         *[arg for text in overrides for arg in ("--set", text)]])
     jobs = json.loads((cfg.run_dir.parent / "jobs.json").read_text())["jobs"]
     for row in Path(jobs[cfg.variant]["stdout"]).read_text().splitlines():
         if row.startswith(("hpc_gan train:", "step ")):
             print(f"  {row}")
     if code != 0:
         raise RuntimeError(f"training failed; see the logs under {cfg.run_dir.parent / 'logs'}")
-
-
-DEMO_SETS = ("data.root", "output_root", "train.max_steps", "train.log_every", "train.checkpoint_every", "data.verify")
-
-
-def _value(cfg, dotted: str):
-    section, _, key = dotted.rpartition(".")
-    return getattr(getattr(cfg, section) if section else cfg, key)
 
 
 def consolidate_run(cfg) -> Path:
