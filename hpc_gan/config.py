@@ -58,7 +58,7 @@ class ModelConfig:
         (128, 128, 64), "Patch size in voxels, NIfTI axis order (x, y, z); each divisible by 16.", min=16
     )
     critic_norm: CriticNorm = opt(
-        "instance", "Critic normalisation: instance (gp, dp), spectral (sn*), group, none."
+        "instance", "Critic normalisation: instance (gp), spectral (sn*), group (dp), none."
     )
     label_threshold: float = opt(
         0.5, "Threshold on the generated label channel (after mapping tanh to [0, 1]).", min=0.0, max=1.0
@@ -178,10 +178,36 @@ class RunConfig:
 
     def validate(self) -> None:
         self.model.validate()
-        if self.privacy.enabled and self.train.gp_weight > 0:
+        if self.privacy.enabled:
+            self._validate_privacy()
+
+    def _validate_privacy(self) -> None:
+        """The dp route is Opacus (per-sample gradients), not DeepSpeed: refuse what it cannot honour."""
+        t = self.train
+        if t.gp_weight > 0:
             raise ConfigError(
                 "privacy.enabled with train.gp_weight > 0: Opacus cannot clip the penalty's second-order "
                 "term; set train.gp_weight=0 (the dp variant uses weight clipping instead)"
+            )
+        deepspeed_only = {
+            "train.precision": t.precision not in ("fp32", "auto"),
+            "train.zero_stage_generator": t.zero_stage_generator != 1,
+            "train.zero_stage_critic": t.zero_stage_critic != 1,
+            "train.offload_optimizer": t.offload_optimizer,
+            "train.activation_checkpointing": t.activation_checkpointing,
+            "train.sync_batchnorm": t.sync_batchnorm,
+        }
+        asked = [key for key, set_ in deepspeed_only.items() if set_]
+        if asked:
+            raise ConfigError(
+                f"privacy.enabled with {', '.join(asked)}: the dp variant is trained without DeepSpeed (DP-SGD needs "
+                "per-sample gradients, which DeepSpeed's engines do not compute; Opacus' data-parallel route keeps "
+                "whole fp32 networks on every rank); remove these settings (docs/PRIVACY.md)"
+            )
+        if self.model.critic_norm == "spectral":
+            raise ConfigError(
+                "privacy.enabled with model.critic_norm=spectral: Opacus cannot compute per-sample gradients through "
+                "spectral norm; set model.critic_norm=group (the paper's choice), instance or none"
             )
 
     @property

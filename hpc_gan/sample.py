@@ -479,7 +479,8 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
               "latents": "sample i: torch.Generator seeded by np.random.SeedSequence([seed, i])",
               "threshold": threshold, "threshold_source": threshold_source, "format": fmt,
               "spacing": [float(s) for s in voxel], "spacing_source": spacing_info,
-              "image_range": [-1.0, 1.0], "tool_version": hpc_gan.__version__, "created": _now()}
+              "image_range": [-1.0, 1.0], "privacy": meta.get("privacy"), "tool_version": hpc_gan.__version__,
+              "created": _now()}
     batches = tqdm(generate(generator, n, seed, batch, device), total=-(-n // batch), unit="batch",
                    desc="sampling", disable=not progress)
     keep = _KeepForPictures(batches)
@@ -487,7 +488,7 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
         write_nifti(keep, out, voxel, threshold)
     else:
         sampling = {k: record[k] for k in ("generator", "generator_sha256", "variant", "step", "seed", "n",
-                                           "threshold")}
+                                           "threshold", "privacy")}
         sampling["sha256"] = sampling.pop("generator_sha256")
         write_hdf5(keep, out, voxel, threshold, sampling)
     keep.save(out, threshold, voxel)

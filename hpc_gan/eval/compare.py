@@ -16,7 +16,8 @@ COLUMNS = (("FID", ("fid", "generated_vs_real")), ("FID baseline", ("fid", "held
            ("recall", ("nearest_neighbours", "generated", "recall")),
            ("density", ("nearest_neighbours", "generated", "density")),
            ("coverage", ("nearest_neighbours", "generated", "coverage")),
-           ("MS-SSIM", ("diversity_ms_ssim", "mean_pairwise_ms_ssim")))
+           ("MS-SSIM", ("diversity_ms_ssim", "mean_pairwise_ms_ssim")),
+           ("epsilon (DP)", ("privacy", "epsilon")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -140,6 +140,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
         "n": {"generated": len(sets.generated), "real": len(sets.real),
               "heldout": len(sets.heldout) if sets.heldout else 0},
         "cache": cache, "seed": seed, "channel": "image" if channel == 0 else "label", "extractor": identity, "world_size": world_size,
+        "privacy": privacy_of(sets.generated),
         "fid": {"generated_vs_real": gen_stats.fid(real_stats),
                 "heldout_vs_real": held[1].fid(real_stats) if held else None},
     }
@@ -153,6 +154,13 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"], Path(out) / "closest_pairs.png")
     write_report(report, Path(out))
     return report
+
+
+def privacy_of(generated: Subset) -> dict | None:
+    """The DP guarantee of the generator that made the samples (epsilon, delta, sigma, ... from the
+    dp trainer, carried by the consolidated file into the samples' manifest), or None."""
+    sampling = generated.dataset.manifest.data.get("sampling", {})
+    return sampling.get("privacy") if isinstance(sampling, dict) else None
 
 
 def audit(sets: EvalSets, gen_f, real_f, held, rank: int, world_size: int) -> dict:
@@ -258,6 +266,12 @@ def markdown(report: dict) -> str:
              f"{report['channel']} channel, seed {report['seed']}"]
     if not ident.get("comparable", False):
         lines.append(f"- **{ident.get('note', 'randomly initialised extractor: not comparable with published FIDs')}**")
+    dp = report.get("privacy")
+    lines.append(f"- privacy: DP-SGD critic, **epsilon = {_fmt(dp['epsilon'])} at delta = {_fmt(dp['delta'])}** "
+                 f"(sigma {_fmt(dp['noise_multiplier'])}, clip {_fmt(dp['max_grad_norm'])}, sampling rate "
+                 f"{_fmt(dp['sample_rate'])}, {dp['critic_steps']} critic steps, {dp['accountant']})" if dp else
+                 "- privacy: no formal guarantee (the generator was not trained with differential privacy); see the "
+                 "memorisation audit below")
     lines += ["", "| metric | generated vs real | held-out vs real (baseline) |", "|---|---|---|",
               f"| FID | {_fmt(report['fid']['generated_vs_real'])} | {_fmt(report['fid']['heldout_vs_real'])} |"]
     for preset in ("reference", "paper"):

@@ -84,6 +84,7 @@ class Row:
     loss_scale_critic: float | None = None
     loss_scale_generator: float | None = None
     precision: str | None = None
+    epsilon: float | None = None
     eta_s: float | None = None
     checkpoint: str | None = None
     error: str | None = None
@@ -283,7 +284,7 @@ def eta_seconds(records: list[dict], total: int | None) -> float | None:
 
 
 def fill_progress(row: Row, run_dir: Path) -> list[dict]:
-    """Step, losses, throughput, loss scales, ETA and checkpoint of a run; returns the last records."""
+    """Step, losses, throughput, loss scales, epsilon (dp), ETA and checkpoint of a run; returns the last records."""
     records = last_records(run_dir / "metrics.jsonl")
     row.total_steps = row.total_steps or configured_steps(run_dir)
     row.checkpoint = ckpt.newest_complete(run_dir / "checkpoints")
@@ -291,7 +292,7 @@ def fill_progress(row: Row, run_dir: Path) -> list[dict]:
         last = records[-1]
         row.step = last["step"]
         for key in ("loss_critic", "loss_generator", "patches_per_s", "loss_scale_critic", "loss_scale_generator",
-                    "precision"):
+                    "precision", "epsilon"):
             setattr(row, key, last.get(key))
     row.eta_s = eta_seconds(records, row.total_steps)
     return records
@@ -399,7 +400,7 @@ def collect(target: str | Path, runner: Runner = run_tool, now: float | None = N
 
 
 COLUMNS = ("VARIANT", "STATE", "JOB", "NODES", "ELAPSED", "STEP", "LOSS D", "LOSS G", "PATCH/S", "SCALE D/G",
-           "ETA", "CHECKPOINT")
+           "EPSILON", "ETA", "CHECKPOINT")
 
 
 def duration(seconds: float | None) -> str:
@@ -426,7 +427,7 @@ def cells(row: Row) -> tuple[str, ...]:
     nodes = " ".join(str(part) for part in (row.nodes, row.node_list) if part not in (None, "")) or "-"
     return (row.variant, row.state or "-", row.job_id or "-", nodes, row.elapsed or "-", steps,
             number(row.loss_critic, ".4f"), number(row.loss_generator, ".4f"), number(row.patches_per_s, ".1f"),
-            scale, duration(row.eta_s), row.checkpoint or "-")
+            scale, number(row.epsilon, ".4g"), duration(row.eta_s), row.checkpoint or "-")
 
 
 def render(rows: list[Row]) -> str:

@@ -3,6 +3,9 @@
     torchrun --nproc_per_node 2 -m hpc_gan.train --variant sn --profile smoke --set data.root=demo_out/shards
     srun python -m hpc_gan.train --config runs/exp/c_sn_mp/config.yaml
     mpiexec -n 2 python -m hpc_gan.train --variant gp --profile smoke
+
+Runs with ``privacy.enabled`` (variant dp) are trained by the DP-SGD trainer
+(:mod:`hpc_gan.privacy.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from hpc_gan import config, dist
-    from hpc_gan.train.trainer import Trainer
 
     env = dist.detect()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load_resolved(args.config) if args.config else load_from_args(args)
         dist.init_process_group(env)
-        trainer = Trainer(cfg, env)
+        trainer = trainer_class(cfg)(cfg, env)
         trainer.fit()
         dist.barrier()
         if trainer.stop_requested:
@@ -52,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def trainer_class(cfg):
+    """The DP-SGD trainer (Opacus) for privacy.enabled runs, the DeepSpeed trainer otherwise."""
+    if cfg.privacy.enabled:
+        from hpc_gan.privacy.dp_trainer import DPTrainer
+
+        return DPTrainer
+    from hpc_gan.train.trainer import Trainer
+
+    return Trainer
 
 
 def _cuda() -> bool:

@@ -7,6 +7,8 @@ Layout of ``<run_dir>/checkpoints/``::
         critic/             same for the critic engine
         rank-00000.pt ...   each rank's RNG states (Python, NumPy, torch, the trainer's generator)
         generator_buffers.pt  BatchNorm running statistics averaged over ranks (rank 0)
+        dp_state.pt         instead of generator/ and critic/ for the dp variant (rank 0): both
+                            networks, both Adam states, the noise RNG, the critic step count
         state.json          step, epoch, data cursor, variant, resolved config, manifest hash, world size
         COMPLETE            written by rank 0 after a barrier: the checkpoint is whole
     latest                  name of the newest COMPLETE checkpoint, replaced atomically
@@ -31,6 +33,7 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "state.json"
 BUFFERS = "generator_buffers.pt"
+DP_STATE = "dp_state.pt"
 _TAG = re.compile(r"^step-(\d{8})$")
 
 

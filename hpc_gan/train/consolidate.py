@@ -5,10 +5,12 @@ The file ``<run_dir>/consolidated/generator-<tag>.pt`` is a plain dict (loads wi
 
     {"format": "hpc_gan.generator", "format_version": 1, "variant": "c_sn_mp", "step": 20000,
      "model": {"latent_dim": 128, "ngf": 1024, "patch_shape": [128, 128, 64], "out_channels": 2},
-     "config": {...resolved run config...}, "state_dict": {name: fp32 tensor, ...}}
+     "config": {...resolved run config...}, "manifest_sha256": "...",
+     "privacy": None or {"epsilon": ..., "delta": ..., "noise_multiplier": ..., ...},  # dp variant
+     "state_dict": {name: fp32 tensor, ...}}
 
-``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition plus the
-BatchNorm running statistics (averaged over ranks when the checkpoint was written). A
+``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition (the dp
+variant's trainer writes them whole, no shards) plus the BatchNorm running statistics (averaged over ranks when the checkpoint was written). A
 ``.sha256`` file beside it holds its SHA-256, checked on load.
 """
 
@@ -45,8 +47,6 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
     Raises:
         CheckpointError: no complete checkpoint, or the shards cannot be read.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     root = Path(run_dir) / "checkpoints"
     tag = tag or ckpt.newest_complete(root)
     if tag is None:
@@ -56,15 +56,13 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
         raise CheckpointError(f"checkpoint '{where}' is not COMPLETE (its job stopped while saving); pick another --tag")
     state = ckpt.read_state(where)
     cfg = from_dict(state["config"])
-    try:
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(where), tag="generator")
-    except Exception as exc:  # deepspeed raises several types for missing or damaged shards
-        raise CheckpointError(f"cannot gather the ZeRO shards of '{where}' ({exc.__class__.__name__}: {exc})") from None
+    weights = _generator_weights(where, state)
     weights.update(torch.load(where / ckpt.BUFFERS, weights_only=True))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": state["variant"], "step": state["step"],
                "model": {"latent_dim": cfg.model.latent_dim, "ngf": cfg.model.ngf,
                          "patch_shape": list(cfg.model.patch_shape), "out_channels": 2},
                "config": state["config"], "manifest_sha256": state.get("manifest_sha256", ""),
+               "privacy": state.get("privacy"),
                "state_dict": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
     out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +71,23 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
     os.replace(tmp, out)
     ckpt.write_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
     return out
+
+
+def _generator_weights(where: Path, state: dict) -> dict:
+    """The generator's weights of one checkpoint: gathered from ZeRO shards, or the DP trainer's
+    whole state (it writes no shards)."""
+    if state.get("trainer") == "dp":
+        try:
+            return torch.load(where / ckpt.DP_STATE, map_location="cpu", weights_only=True)["generator"]
+        except Exception as exc:  # missing, truncated or damaged
+            raise CheckpointError(f"cannot read '{where / ckpt.DP_STATE}' ({exc.__class__.__name__}); pick another "
+                                  "--tag") from None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(where), tag="generator")
+    except Exception as exc:  # deepspeed raises several types for missing or damaged shards
+        raise CheckpointError(f"cannot gather the ZeRO shards of '{where}' ({exc.__class__.__name__}: {exc})") from None
 
 
 def load_generator(path: str | os.PathLike, variant: str | None = None, verify: bool = True) -> tuple[Generator, dict]:

@@ -97,10 +97,12 @@ class MetricsLogger:
 
 def progress_line(record: dict, total_steps: int) -> str:
     """The line users read in SLURM logs, e.g.
-    ``step 300/20000 ep 2 | D -1.234 G 0.567 W 1.80 GP 0.012 | 12.3 patch/s | scale 65536/32768 | 512 MB``."""
+    ``step 300/20000 ep 2 | D -1.234 G 0.567 W 1.80 GP 0.012 | 12.3 patch/s | scale 65536/32768 | 512 MB``;
+    the dp variant shows the epsilon spent so far instead of the penalty (``eps 2.546``)."""
     scales = f" | scale {record['loss_scale_critic']:g}/{record['loss_scale_generator']:g}" \
         if record.get("precision") == "fp16" else ""
     skipped = f" | skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""
+    last = f"eps {record['epsilon']:.4g}" if "epsilon" in record else f"GP {record['penalty']:.4f}"  # dp: privacy spent
     return (f"step {record['step']}/{total_steps} ep {record['epoch']} | D {record['loss_critic']:.4f} "
-            f"G {record['loss_generator']:.4f} W {record['wasserstein']:.4f} GP {record['penalty']:.4f} | "
+            f"G {record['loss_generator']:.4f} W {record['wasserstein']:.4f} {last} | "
             f"{record['patches_per_s']:.1f} patch/s{scales}{skipped} | {record['peak_memory_mb']:.0f} MB")

@@ -2,7 +2,9 @@
 
 Every rank runs the same code; rank 0 alone writes metrics, the resolved config and the
 COMPLETE markers. Everything that must survive a restart (both engines, the data cursor, each
-rank's RNG states, the step) is saved together under one tag by :meth:`Trainer.save`.
+rank's RNG states, the step) is saved together under one tag by :meth:`TrainingLoop.save`.
+:class:`TrainingLoop` is what the DeepSpeed :class:`Trainer` shares with the DP-SGD trainer
+(:class:`hpc_gan.privacy.dp_trainer.DPTrainer`): the loop, metrics, stop requests, checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.metrics import MetricsLogger
-from hpc_gan.train.steps import loss_scale, to_model_range, train_iteration
+from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_iteration
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -35,25 +37,23 @@ class NonFiniteLossError(HpcGanError):
     """bf16/fp32 losses were not finite for too many consecutive steps."""
 
 
-class Trainer:
-    """Trains one variant. ``fit()`` returns the last metrics record (rank 0) or None.
+class TrainingLoop:
+    """What every trainer shares: the run directory, the step loop, metrics, stop requests and
+    checkpoints (markers, state.json, RNG states, resume checks).
 
-    Example:
-        >>> cfg = load_config("sn", profile="smoke", overrides=["data.root=demo_out/shards"])
-        >>> Trainer(cfg, hpc_gan.dist.detect()).fit()     # under torchrun / srun / mpiexec
+    Subclasses build the networks, set ``total_steps`` and ``precision`` and supply
+    :meth:`iteration`, :attr:`epoch`, :meth:`samples`, :meth:`_save_networks`,
+    :meth:`_load_networks`, :meth:`_extra` and :meth:`_state_extra`.
     """
 
+    total_steps: int
+    precision: str
+
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
-        if cfg.privacy.enabled:
-            raise ConfigError("variant dp (DP-SGD critic) cannot be trained by this DeepSpeed trainer (DeepSpeed "
-                              "computes no per-sample gradients); its Opacus route, hpc_gan.privacy.dp_critic.train_dp, "
-                              "runs in one process and writes no checkpoints yet")
         self.cfg, self.env = cfg, env
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
-        self.dtype = DTYPES[self.precision]
         self.step = 0
         self.nonfinite_steps = 0
         self.stop_requested = False
@@ -61,35 +61,40 @@ class Trainer:
         if self.dataset.patch_shape != cfg.model.patch_shape:
             raise ConfigError(f"data.root '{cfg.data.root}' holds {self.dataset.patch_shape} patches but "
                               f"model.patch_shape is {cfg.model.patch_shape}; re-pack or fix model.patch_shape")
-        self.loader = PatchLoader(self.dataset, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
-                                  cfg.train.num_workers)
-        self.total_steps = cfg.train.max_steps or (cfg.train.epochs * self.loader.batches_per_epoch()
-                                                   // cfg.train.n_critic)
-        self.generator, self.critic = self._engines()
         # Latents and penalty weights differ per rank (different samples) but are reproducible.
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + env.rank)
 
-    def _engines(self):
-        import deepspeed
+    # ------------------------------------------------------------------ what subclasses supply
 
-        torch.manual_seed(self.cfg.train.seed)  # identical initial weights (and spectral-norm vectors) on all ranks
-        generator, critic = build_generator(self.cfg.model), build_critic(self.cfg.model)
-        generator.checkpointing = critic.checkpointing = self.cfg.train.activation_checkpointing
-        if self.cfg.train.sync_batchnorm:
-            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        self.parameters = {"generator": count_parameters(generator), "critic": count_parameters(critic)}
-        betas = self.cfg.train.betas
-        cuda = torch.cuda.is_available()
-        engines = []
-        for model, lr, config in ((generator, self.cfg.train.lr_generator, generator_config),
-                                  (critic, self.cfg.train.lr_critic, critic_config)):
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                              config=config(self.cfg, self.env.world_size, cuda))
-            engines.append(engine)
-        for engine in engines:
-            _match_buffer_dtype(engine.module)
-        return engines
+    @property
+    def generator_module(self) -> torch.nn.Module:
+        """The plain generator (sampling, BatchNorm statistics)."""
+        raise NotImplementedError
+
+    @property
+    def epoch(self) -> int:
+        raise NotImplementedError
+
+    def iteration(self) -> StepResult:
+        """One generator step with its ``n_critic`` critic steps (collective: all ranks agree on ``finite``)."""
+        raise NotImplementedError
+
+    def _save_networks(self, where: Path) -> None:
+        raise NotImplementedError
+
+    def _load_networks(self, where: Path, state: dict) -> None:
+        raise NotImplementedError
+
+    def _state_extra(self) -> dict:
+        """Entries of state.json beyond the common ones (rank 0)."""
+        return {}
+
+    def _extra(self) -> dict:
+        """Entries of each metrics record beyond the averaged losses."""
+        return {}
+
+    def _announce(self, resumed: str | None) -> None:
+        pass
 
     # ------------------------------------------------------------------ run
 
@@ -100,14 +105,12 @@ class Trainer:
                                 self.cfg.train.log_every)
         self._announce(resumed)
         self._install_stop_handler()
-        batches = (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
         fixed_z = torch.Generator().manual_seed(12345)
         record, bad_run = None, 0
         try:
             while self.step < self.total_steps:
                 t = self.cfg.train
-                result = train_iteration(self.generator, self.critic, batches, self.rng, t.n_critic, t.gp_weight,
-                                         t.gp_mode, t.weight_clip)
+                result = self.iteration()
                 self.step += 1
                 bad_run = 0 if result.finite else bad_run + 1
                 self.nonfinite_steps += not result.finite
@@ -118,7 +121,7 @@ class Trainer:
                 if result.finite:
                     metrics.add(vars(result), t.batch_size * t.n_critic)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    record = metrics.flush(self.step, self.loader.epoch, self._extra())
+                    record = metrics.flush(self.step, self.epoch, self._extra())
                 if t.image_every and self.step % t.image_every == 0:
                     metrics.images(self.step, self.samples(4, fixed_z))
                 stop = self._agree_to_stop()
@@ -133,33 +136,16 @@ class Trainer:
             metrics.close()
         return record
 
-    def _extra(self) -> dict:
-        return {"loss_scale_critic": loss_scale(self.critic), "loss_scale_generator": loss_scale(self.generator),
-                "skipped_steps": int(self.critic.skipped_steps + self.generator.skipped_steps),
-                "nonfinite_steps": self.nonfinite_steps,
-                "lr_critic": self.cfg.train.lr_critic, "lr_generator": self.cfg.train.lr_generator,
-                "precision": self.precision}
-
     @torch.no_grad()
     def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """n patches (n, 2, X, Y, Z) from the generator in eval mode (BatchNorm running statistics)."""
-        module = self.generator.module
+        module = self.generator_module
         module.eval()
         try:
-            z = module.sample_latent(n, generator=rng, device=self.device, dtype=self.dtype)
+            z = module.sample_latent(n, generator=rng, device=self.device, dtype=next(module.parameters()).dtype)
             return module(z)
         finally:
             module.train()
-
-    def _announce(self, resumed: str | None) -> None:
-        if self.env.rank != 0:
-            return
-        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} | world size {self.env.world_size} "
-              f"({self.env.launcher}) | {self.precision} | ZeRO G{self.cfg.train.zero_stage_generator}/"
-              f"D{self.cfg.train.zero_stage_critic} | parameters G {self.parameters['generator']:,} "
-              f"D {self.parameters['critic']:,} | {len(self.dataset)} patches "
-              f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
-              + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
 
     # ------------------------------------------------------------------ stop requests
 
@@ -200,15 +186,15 @@ class Trainer:
         tag = ckpt.tag_of(self.step)
         where = self.ckpt_root / tag
         self._average_batchnorm_buffers()
-        self.generator.save_checkpoint(str(where), tag="generator", save_latest=False)
-        self.critic.save_checkpoint(str(where), tag="critic", save_latest=False)
+        self._save_networks(where)
+        where.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.rng_state(self.rng), where / ckpt.rank_file(self.env.rank))
         if self.env.rank == 0:
             torch.save(self._buffers(), where / ckpt.BUFFERS)
-            state = {"step": self.step, "epoch": self.loader.epoch, "data": self.loader.state_dict(),
-                     "variant": self.cfg.variant, "world_size": self.env.world_size, "precision": self.precision,
+            state = {"step": self.step, "epoch": self.epoch, "variant": self.cfg.variant,
+                     "world_size": self.env.world_size, "precision": self.precision,
                      "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
-                     "saved": time.time()}
+                     **self._state_extra(), "saved": time.time()}
             ckpt.write_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
         hdist.barrier()
         if self.env.rank == 0:
@@ -227,19 +213,15 @@ class Trainer:
         if state["world_size"] != self.env.world_size:
             raise CheckpointError(f"checkpoint {where} was written by {state['world_size']} ranks, this job has "
                                   f"{self.env.world_size}; resume with the same number of ranks")
-        for engine, name in ((self.generator, "generator"), (self.critic, "critic")):
-            loaded, _ = engine.load_checkpoint(str(where), tag=name, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise CheckpointError(f"{where / name} could not be loaded; resume from an older checkpoint")
+        self._load_networks(where, state)
         ckpt.set_rng_state(torch.load(where / ckpt.rank_file(self.env.rank), weights_only=False), self.rng)
-        self.loader.load_state_dict(state["data"])
         self.step = int(state["step"])
         if self.env.rank == 0:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         return tag
 
     def _batchnorm_layers(self):
-        return [m for m in self.generator.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return [m for m in self.generator_module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     def _average_batchnorm_buffers(self) -> None:
         """Each rank's BatchNorm saw only its own batches; a checkpoint keeps the rank average."""
@@ -252,7 +234,100 @@ class Trainer:
 
     def _buffers(self) -> dict:
         return {name: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
-                for name, b in self.generator.module.named_buffers() if "running" in name or "num_batches" in name}
+                for name, b in self.generator_module.named_buffers() if "running" in name or "num_batches" in name}
+
+
+class Trainer(TrainingLoop):
+    """Trains one variant with two DeepSpeed engines. ``fit()`` returns the last metrics record
+    (rank 0) or None.
+
+    Example:
+        >>> cfg = load_config("sn", profile="smoke", overrides=["data.root=demo_out/shards"])
+        >>> Trainer(cfg, hpc_gan.dist.detect()).fit()     # under torchrun / srun / mpiexec
+    """
+
+    def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
+        if cfg.privacy.enabled:
+            raise ConfigError("privacy.enabled (variant dp) is trained by hpc_gan.privacy.dp_trainer.DPTrainer, not by "
+                              "the DeepSpeed trainer (DeepSpeed computes no per-sample gradients); "
+                              "python -m hpc_gan.train picks it by itself")
+        super().__init__(cfg, env, run_dir)
+        self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
+        self.dtype = DTYPES[self.precision]
+        self.loader = PatchLoader(self.dataset, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
+                                  cfg.train.num_workers)
+        self.total_steps = cfg.train.max_steps or (cfg.train.epochs * self.loader.batches_per_epoch()
+                                                   // cfg.train.n_critic)
+        self.generator, self.critic = self._engines()
+        self._batches = None
+
+    def _engines(self):
+        import deepspeed
+
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights (and spectral-norm vectors) on all ranks
+        generator, critic = build_generator(self.cfg.model), build_critic(self.cfg.model)
+        generator.checkpointing = critic.checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.train.sync_batchnorm:
+            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        self.parameters = {"generator": count_parameters(generator), "critic": count_parameters(critic)}
+        betas = self.cfg.train.betas
+        cuda = torch.cuda.is_available()
+        engines = []
+        for model, lr, config in ((generator, self.cfg.train.lr_generator, generator_config),
+                                  (critic, self.cfg.train.lr_critic, critic_config)):
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                              config=config(self.cfg, self.env.world_size, cuda))
+            engines.append(engine)
+        for engine in engines:
+            _match_buffer_dtype(engine.module)
+        return engines
+
+    @property
+    def generator_module(self) -> torch.nn.Module:
+        return self.generator.module
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.epoch
+
+    def iteration(self) -> StepResult:
+        if self._batches is None:  # created after resume() restored the data cursor
+            self._batches = (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
+        t = self.cfg.train
+        return train_iteration(self.generator, self.critic, self._batches, self.rng, t.n_critic, t.gp_weight,
+                               t.gp_mode, t.weight_clip)
+
+    def _extra(self) -> dict:
+        return {"loss_scale_critic": loss_scale(self.critic), "loss_scale_generator": loss_scale(self.generator),
+                "skipped_steps": int(self.critic.skipped_steps + self.generator.skipped_steps),
+                "nonfinite_steps": self.nonfinite_steps,
+                "lr_critic": self.cfg.train.lr_critic, "lr_generator": self.cfg.train.lr_generator,
+                "precision": self.precision}
+
+    def _announce(self, resumed: str | None) -> None:
+        if self.env.rank != 0:
+            return
+        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} | world size {self.env.world_size} "
+              f"({self.env.launcher}) | {self.precision} | ZeRO G{self.cfg.train.zero_stage_generator}/"
+              f"D{self.cfg.train.zero_stage_critic} | parameters G {self.parameters['generator']:,} "
+              f"D {self.parameters['critic']:,} | {len(self.dataset)} patches "
+              f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
+              + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
+
+    def _save_networks(self, where: Path) -> None:
+        self.generator.save_checkpoint(str(where), tag="generator", save_latest=False)
+        self.critic.save_checkpoint(str(where), tag="critic", save_latest=False)
+
+    def _state_extra(self) -> dict:
+        return {"trainer": "deepspeed", "data": self.loader.state_dict()}
+
+    def _load_networks(self, where: Path, state: dict) -> None:
+        for engine, name in ((self.generator, "generator"), (self.critic, "critic")):
+            loaded, _ = engine.load_checkpoint(str(where), tag=name, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"{where / name} could not be loaded; resume from an older checkpoint")
+        self.loader.load_state_dict(state["data"])
 
 
 def _verified_dataset(cfg: RunConfig, rank: int) -> ShardedPatchDataset:

@@ -1,0 +1,215 @@
+"""The dp variant's trainer: a DP-SGD critic (Opacus; DPDDP across ranks) and a plain generator.
+
+It shares the run directory, the step loop, metrics, stop/requeue handling and the checkpoint
+markers with the DeepSpeed trainer (:class:`hpc_gan.train.trainer.TrainingLoop`), so
+``python -m hpc_gan.train``, ``launch/submit.py --variant dp``, ``launch/status.py``,
+``hpc_gan consolidate`` and ``hpc_gan sample`` work on it unchanged. What differs:
+
+* **No DeepSpeed.** DP-SGD needs each sample's gradient; DeepSpeed's engines (ZeRO, fp16/bf16
+  loss scaling) compute only the batch's. The route is Opacus' data parallel one: every rank
+  holds both whole networks in fp32, the critic's clipped per-sample gradient sums are
+  all-reduced and rank 0 adds the noise once; the generator's gradients are averaged.
+  :meth:`hpc_gan.config.RunConfig.validate` refuses the DeepSpeed-only settings with one line.
+* **Poisson sampling.** For critic step k every patch is in the global batch with probability
+  ``q = train.batch_size * world_size / N`` (one draw seeded by ``(train.seed, k)``, the same on
+  every rank); rank r reads the selected patches whose index is r modulo the world size. The
+  global batch is therefore independent of the number of ranks, and a resumed run draws the
+  same batches as an uninterrupted one.
+* **Accounting.** ``epsilon`` at ``delta`` (default 1/N) for the critic steps taken is in every
+  metrics record, in each checkpoint's ``state.json`` and in the consolidated generator, from
+  which sampling and evaluation carry it into the samples' manifest and the evaluation report.
+  With ``privacy.target_epsilon`` > 0, sigma is chosen so that the whole run spends that epsilon.
+* **Checkpoints.** ``dp_state.pt`` (rank 0): both networks, both Adam states, the noise RNG and
+  the critic step count, beside the usual per-rank RNG files, ``state.json`` and ``COMPLETE``.
+
+Example:
+    >>> cfg = load_config("dp", profile="smoke", overrides=["data.root=demo_out/shards"])
+    >>> DPTrainer(cfg, hpc_gan.dist.detect()).fit()     # under torchrun / srun / mpiexec
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hpc_gan import dist as hdist
+from hpc_gan.config import RunConfig
+from hpc_gan.errors import CheckpointError, ConfigError
+from hpc_gan.models import build_critic, build_generator, count_parameters
+from hpc_gan.privacy.accounting import default_delta, epsilon, noise_for_epsilon
+from hpc_gan.privacy.dp_critic import dp_critic_step, generator_step, make_private_critic
+from hpc_gan.train import checkpoint as ckpt
+from hpc_gan.train.steps import StepResult, all_finite, to_model_range
+from hpc_gan.train.trainer import TrainingLoop
+
+
+class PoissonBatches:
+    """Batch sampler: this rank's share of the Poisson sample of each critic step.
+
+    Example:
+        >>> batches = iter(PoissonBatches(n=10, rate=0.5, rank=1, world_size=2, seed=0))
+        >>> all(i % 2 == 1 for i in next(batches))
+        True
+    """
+
+    def __init__(self, n: int, rate: float, rank: int, world_size: int, seed: int, start: int = 0) -> None:
+        self.n, self.rate, self.rank, self.world_size, self.seed, self.start = n, rate, rank, world_size, seed, start
+
+    def global_sample(self, step: int) -> torch.Tensor:
+        """Indices in the batch of critic step ``step``, over all ranks (each patch with probability q)."""
+        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0])
+        mask = torch.rand(self.n, generator=torch.Generator().manual_seed(seed)) < self.rate
+        return mask.nonzero().flatten()
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            chosen = self.global_sample(step)
+            yield chosen[chosen % self.world_size == self.rank].tolist()
+            step += 1
+
+
+class _Stack:
+    """Collate possibly empty batches of (2, X, Y, Z) patches into (b, 2, X, Y, Z)."""
+
+    def __init__(self, patch_shape: tuple[int, int, int]) -> None:
+        self.patch_shape = patch_shape
+
+    def __call__(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(items) if items else torch.zeros((0, 2, *self.patch_shape))
+
+
+class DPTrainer(TrainingLoop):
+    """Trains the dp variant (``privacy.enabled``); ``fit()`` returns the last metrics record (rank 0)."""
+
+    def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
+        if not cfg.privacy.enabled:
+            raise ConfigError("DPTrainer trains runs with privacy.enabled=true (variant dp); use the Trainer")
+        cfg.validate()
+        super().__init__(cfg, env, run_dir)
+        t, p = cfg.train, cfg.privacy
+        self.precision = "fp32"
+        n = len(self.dataset)
+        self.sample_rate = t.batch_size * env.world_size / n
+        if self.sample_rate > 1:
+            raise ConfigError(f"train.batch_size={t.batch_size} x {env.world_size} ranks exceeds the {n} training "
+                              "patches (Poisson sampling rate > 1); lower train.batch_size or the number of ranks")
+        self.delta = p.delta or default_delta(n)
+        steps_per_epoch = max(n // (t.batch_size * env.world_size * t.n_critic), 1)
+        self.total_steps = t.max_steps or t.epochs * steps_per_epoch
+        planned = self.total_steps * t.n_critic
+        self.sigma = (noise_for_epsilon(p.target_epsilon, self.sample_rate, planned, self.delta)
+                      if p.target_epsilon > 0 else p.noise_multiplier)
+        self.planned_epsilon = epsilon(self.sigma, self.sample_rate, planned, self.delta)
+
+        torch.manual_seed(t.seed)  # identical initial weights on all ranks (DPDDP also broadcasts the critic)
+        self.generator = build_generator(cfg.model).to(self.device)
+        critic = build_critic(cfg.model).to(self.device)
+        self.parameters = {"generator": count_parameters(self.generator), "critic": count_parameters(critic)}
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=t.lr_generator, betas=t.betas)
+        c_optimizer = torch.optim.Adam(critic.parameters(), lr=t.lr_critic, betas=t.betas)
+        # Only rank 0 draws noise (DistributedDPOptimizer); its state is checkpointed.
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 999_983)
+        self.private = make_private_critic(critic, c_optimizer, self.sample_rate, self.sigma, p.max_grad_norm,
+                                           distributed=env.world_size > 1, noise_generator=self.noise_rng)
+        self._batches = None
+
+    # ------------------------------------------------------------------ the loop's parts
+
+    @property
+    def generator_module(self) -> torch.nn.Module:
+        return self.generator
+
+    @property
+    def epoch(self) -> int:
+        """Expected passes over the data so far (q x critic steps)."""
+        return int(self.private.steps * self.sample_rate)
+
+    def _real_batches(self):
+        sampler = PoissonBatches(len(self.dataset), self.sample_rate, self.env.rank, self.env.world_size,
+                                 self.cfg.train.seed, start=self.private.steps)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Stack(self.dataset.patch_shape),
+                            num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda")
+        return (to_model_range(batch).to(self.device, non_blocking=True) for batch in loader)
+
+    def iteration(self) -> StepResult:
+        if self._batches is None:  # created after resume() restored the critic step count
+            self._batches = self._real_batches()
+        t = self.cfg.train
+        sums = {"d_real": 0.0, "n_real": 0, "d_fake": 0.0, "n_fake": 0}
+        for _ in range(t.n_critic):
+            real = next(self._batches)                                     # (b, 2, X, Y, Z), b may be 0
+            z = self.generator.sample_latent(max(real.shape[0], 1), generator=self.rng, device=self.device)
+            for key, value in dp_critic_step(self.generator, self.private, real, z, t.weight_clip).items():
+                sums[key] += value
+        z = self.generator.sample_latent(t.batch_size, generator=self.rng, device=self.device)
+        loss_g = generator_step(self.generator, self.g_optimizer, self.private, z)
+        d_real = sums["d_real"] / sums["n_real"] if sums["n_real"] else 0.0
+        d_fake = sums["d_fake"] / sums["n_fake"]
+        finite = all_finite(torch.tensor([d_real, d_fake]), loss_g)
+        return StepResult(loss_critic=d_fake - d_real, loss_generator=loss_g.item(), wasserstein=d_real - d_fake,
+                          penalty=0.0, finite=finite)
+
+    def privacy_record(self) -> dict:
+        """What the run has spent and with which parameters (metrics, state.json, consolidated file)."""
+        return {"epsilon": self.private.epsilon(self.delta), "delta": self.delta, "noise_multiplier": self.sigma,
+                "max_grad_norm": self.private.max_grad_norm, "sample_rate": self.sample_rate,
+                "critic_steps": self.private.steps, "planned_epsilon": self.planned_epsilon,
+                "target_epsilon": self.cfg.privacy.target_epsilon or None, "accountant": "rdp (opacus)",
+                "training_patches": len(self.dataset)}
+
+    def _extra(self) -> dict:
+        record = self.privacy_record()
+        return {k: record[k] for k in ("epsilon", "delta", "noise_multiplier", "critic_steps")} | {
+            "nonfinite_steps": self.nonfinite_steps, "lr_critic": self.cfg.train.lr_critic,
+            "lr_generator": self.cfg.train.lr_generator, "precision": self.precision}
+
+    def _announce(self, resumed: str | None) -> None:
+        if self.env.rank != 0:
+            return
+        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} (DP-SGD critic, Opacus, no DeepSpeed) | "
+              f"world size {self.env.world_size} ({self.env.launcher}) | fp32 | parameters "
+              f"G {self.parameters['generator']:,} D {self.parameters['critic']:,} | {len(self.dataset)} patches "
+              f"{'x'.join(map(str, self.dataset.patch_shape))} | q {self.sample_rate:.4g} sigma {self.sigma:.4g} "
+              f"C {self.private.max_grad_norm:g} delta {self.delta:.3g} | planned epsilon {self.planned_epsilon:.4g} | "
+              f"{self.total_steps} steps | " + (f"resumed from {resumed}" if resumed else "fresh start")
+              + f" | {self.run_dir}", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_networks(self, where: Path) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        if self.env.rank == 0:  # every rank holds the same weights
+            torch.save({"generator": self.generator.state_dict(), "critic": self.private.critic.state_dict(),
+                        "g_optimizer": self.g_optimizer.state_dict(),
+                        "c_optimizer": self.private.optimizer.original_optimizer.state_dict(),
+                        "noise_rng": self.noise_rng.get_state(), "critic_steps": self.private.steps},
+                       where / ckpt.DP_STATE)
+
+    def _state_extra(self) -> dict:
+        return {"trainer": "dp", "privacy": self.privacy_record()}
+
+    def _load_networks(self, where: Path, state: dict) -> None:
+        if state.get("trainer") != "dp" or not (where / ckpt.DP_STATE).is_file():
+            raise CheckpointError(f"checkpoint {where} was not written by the DP trainer (no {ckpt.DP_STATE}); use "
+                                  "another run name or remove the directory")
+        saved = state.get("privacy", {})
+        if saved.get("noise_multiplier") != self.sigma or saved.get("sample_rate") != self.sample_rate:
+            raise CheckpointError(
+                f"checkpoint {where} was trained with sigma {saved.get('noise_multiplier')} and q "
+                f"{saved.get('sample_rate')}, this job has sigma {self.sigma} and q {self.sample_rate}: the privacy "
+                "accounting would be wrong; resume with the same privacy settings, batch size and number of ranks")
+        try:
+            payload = torch.load(where / ckpt.DP_STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or damaged file
+            raise CheckpointError(f"{where / ckpt.DP_STATE} cannot be read ({exc.__class__.__name__}); resume from "
+                                  "an older checkpoint") from None
+        self.generator.load_state_dict(payload["generator"])
+        self.private.critic.load_state_dict(payload["critic"])
+        self.g_optimizer.load_state_dict(payload["g_optimizer"])
+        self.private.optimizer.original_optimizer.load_state_dict(payload["c_optimizer"])
+        self.noise_rng.set_state(payload["noise_rng"])
+        self.private.steps = int(payload["critic_steps"])
