@@ -160,6 +160,10 @@ class PrivacyConfig:
     max_grad_norm: float = opt(1.0, "Per-sample gradient clip norm.", min=0.0)
     delta: float = opt(0.0, "Target delta; 0 = 1 / number of training patches.", min=0.0, max=1.0)
     target_epsilon: float = opt(0.0, "If > 0, choose sigma to reach this epsilon instead.", min=0.0)
+    secret_seeds: bool = opt(
+        True, "Seed the noise and the Poisson sampling from the operating system (kept only in checkpoints); "
+        "false = derive them from train.seed, which config.yaml publishes: reproducible runs for tests only."
+    )
 
 
 @dataclass

@@ -51,6 +51,8 @@ def test_report_files_name_the_extractor(report):
     assert saved["extractor"]["weights"] == "random" and saved["extractor"]["comparable"] is False
     assert "not comparable with published FIDs" in (out / "report.md").read_text()
     assert saved["seed"] == 0 and len(saved["extractor"]["sha256"]) == 64
+    assert saved["privacy"] is None                                   # real patches: no DP generator behind them
+    assert "no formal guarantee" in (out / "report.md").read_text()
 
 
 @pytest.mark.unit
@@ -60,7 +62,7 @@ def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
     shutil.copytree(out, other)
     assert main(["compare", str(out), str(other), "--plot", str(tmp_path / "prd_all.png")]) == 0
     text = capsys.readouterr().out
-    assert f"| {out.name} |" in text and "| gp |" in text and "FID baseline" in text
+    assert f"| {out.name} |" in text and "| gp |" in text and "FID baseline" in text and "epsilon (DP)" in text
     assert (tmp_path / "prd_all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
 
-def _submit(shards: Path, out: Path, *argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "launch/submit.py"), "--variant", "sn", "--profile", "smoke", "--cluster",
+def _submit(shards: Path, out: Path, *argv: str, variant: str = "sn") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "launch/submit.py"), "--variant", variant, "--profile", "smoke", "--cluster",
            "local", "--name", "exp", "--set", f"data.root={shards}", "--set", f"output_root={out}", "--wait", *argv]
     env = without_launcher_env()
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
@@ -44,3 +44,23 @@ def test_train_then_evaluate_then_downstream_test(smoke_shards, tmp_path):
     sources = [row["source"] for d in (run / "tstr", tmp_path / "exp" / "tstr_real")
                for row in csv.DictReader((d / "scores.csv").open())]
     assert sources == ["sn", "real"]
+
+
+def test_dp_variant_trains_on_two_ranks_and_its_report_states_epsilon(smoke_shards, tmp_path):
+    """The dp variant through the same launcher: Opacus' data-parallel route on 2 local tasks,
+    consolidation at the end, then sampling + evaluation; epsilon travels into the report."""
+    import torch
+
+    done = _submit(smoke_shards, tmp_path, "--tasks-per-node", "2", "--set", "train.max_steps=3", variant="dp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "exp" / "dp"
+    generator = run / "consolidated" / "generator-step-00000003.pt"
+    privacy = torch.load(generator, weights_only=True)["privacy"]
+    assert privacy["critic_steps"] == 15 and privacy["sample_rate"] == 4 / 15 and privacy["epsilon"] > 0
+
+    done = _submit(smoke_shards, tmp_path, "--tasks-per-node", "1", "--job", "evaluate", "--n-samples", "16",
+                   variant="dp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["privacy"] == privacy
+    assert f"epsilon = {privacy['epsilon']:.4g}" in (run / "eval" / "report.md").read_text()

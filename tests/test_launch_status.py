@@ -44,14 +44,14 @@ def sacct_text(job: str, state: str, exit_code: str = "0:0", batch_state: str = 
 
 
 def write_run(run_dir: Path, steps=(10, 20), times=(1000.0, 1010.0), checkpoints=(10,), max_steps: int | None = 100,
-              precision: str = "fp16") -> Path:
+              precision: str = "fp16", **extra) -> Path:
     """A run directory as the trainer leaves it: config.yaml, metrics.jsonl, COMPLETE checkpoints."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(f"variant: {run_dir.name}\ntrain:\n  max_steps: {max_steps or 'null'}\n")
     records = [{"step": s, "epoch": 0, "loss_critic": -1.5 + i, "loss_generator": 0.25, "wasserstein": 1.0,
                 "penalty": 0.1, "patches_per_s": 12.5, "peak_memory_mb": 100.0, "loss_scale_critic": 65536.0,
                 "loss_scale_generator": 32768.0, "skipped_steps": 0, "nonfinite_steps": 0, "lr_critic": 4e-4,
-                "lr_generator": 2e-4, "precision": precision, "time": t}
+                "lr_generator": 2e-4, "precision": precision, "time": t, **extra}
                for i, (s, t) in enumerate(zip(steps, times))]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     for step in checkpoints:
@@ -216,9 +216,18 @@ def test_experiment_rows_progress_eta_checkpoint_and_error(tmp_path):
     table = status.render([running, failed]).splitlines()
     assert table[0].split()[:3] == ["VARIANT", "STATE", "JOB"]
     assert table[1].split() == ["c_sn_mp", "RUNNING", "123_0", "4", "node[1-4]", "1:02:03", "20/100", "-0.5000",
-                                "0.2500", "12.5", "65536/32768", "1m20s", "step-00000020"]
+                                "0.2500", "12.5", "65536/32768", "-", "1m20s", "step-00000020"]
     assert "FAILED" in table[2] and table[2].split()[10] == "-"  # no loss scale outside fp16
     assert table[3] == "    torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_dp_run_shows_the_epsilon_spent(tmp_path):
+    exp = write_experiment(tmp_path / "exp", {"dp": "9_0"})
+    write_run(exp / "dp", precision="fp32", epsilon=3.2581)
+    (row,) = status.collect(exp, FakeSlurm(squeue="RUNNING|0:10|node1\n"))
+    assert row.epsilon == 3.2581
+    assert status.cells(row)[status.COLUMNS.index("EPSILON")] == "3.258"
+    assert "EPSILON" in status.render([row]).splitlines()[0]
 
 
 def test_variant_not_started_yet(tmp_path):

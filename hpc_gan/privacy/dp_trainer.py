@@ -11,10 +11,14 @@ markers with the DeepSpeed trainer (:class:`hpc_gan.train.trainer.TrainingLoop`)
   all-reduced and rank 0 adds the noise once; the generator's gradients are averaged.
   :meth:`hpc_gan.config.RunConfig.validate` refuses the DeepSpeed-only settings with one line.
 * **Poisson sampling.** For critic step k every patch is in the global batch with probability
-  ``q = train.batch_size * world_size / N`` (one draw seeded by ``(train.seed, k)``, the same on
-  every rank); rank r reads the selected patches whose index is r modulo the world size. The
+  ``q = train.batch_size * world_size / N`` (one draw seeded by ``(sampling seed, k)``, the same
+  on every rank); rank r reads the selected patches whose index is r modulo the world size. The
   global batch is therefore independent of the number of ranks, and a resumed run draws the
   same batches as an uninterrupted one.
+* **Secret seeds.** The noise and sampling seeds come from the operating system (rank 0, then
+  broadcast) and are stored only in checkpoints, never in config.yaml or the consolidated file:
+  whoever knows them can recompute the noise. ``privacy.secret_seeds=false`` derives them from
+  ``train.seed`` for reproducible test runs.
 * **Accounting.** ``epsilon`` at ``delta`` (default 1/N) for the critic steps taken is in every
   metrics record, in each checkpoint's ``state.json`` and in the consolidated generator, from
   which sampling and evaluation carry it into the samples' manifest and the evaluation report.
@@ -29,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +77,17 @@ class PoissonBatches:
             step += 1
 
 
+def _seeds(train_seed: int, secret: bool) -> tuple[int, int]:
+    """(noise seed, Poisson sampling seed): from the OS on rank 0 and shared with every rank, or,
+    for reproducible test runs, derived from ``train.seed`` (which config.yaml publishes)."""
+    if not secret:
+        return train_seed * 1_000_003 + 999_983, train_seed
+    seeds = [secrets.randbits(63), secrets.randbits(63)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(seeds, src=0)
+    return seeds[0], seeds[1]
+
+
 class _Stack:
     """Collate possibly empty batches of (2, X, Y, Z) patches into (b, 2, X, Y, Z)."""
 
@@ -111,8 +127,9 @@ class DPTrainer(TrainingLoop):
         self.parameters = {"generator": count_parameters(self.generator), "critic": count_parameters(critic)}
         self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=t.lr_generator, betas=t.betas)
         c_optimizer = torch.optim.Adam(critic.parameters(), lr=t.lr_critic, betas=t.betas)
-        # Only rank 0 draws noise (DistributedDPOptimizer); its state is checkpointed.
-        self.noise_rng = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 999_983)
+        # Only rank 0 draws noise (DistributedDPOptimizer); its state and the sampling seed are checkpointed.
+        noise_seed, self.sampling_seed = _seeds(t.seed, p.secret_seeds)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(noise_seed)
         self.private = make_private_critic(critic, c_optimizer, self.sample_rate, self.sigma, p.max_grad_norm,
                                            distributed=env.world_size > 1, noise_generator=self.noise_rng)
         self._batches = None
@@ -130,7 +147,7 @@ class DPTrainer(TrainingLoop):
 
     def _real_batches(self):
         sampler = PoissonBatches(len(self.dataset), self.sample_rate, self.env.rank, self.env.world_size,
-                                 self.cfg.train.seed, start=self.private.steps)
+                                 self.sampling_seed, start=self.private.steps)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Stack(self.dataset.patch_shape),
                             num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda")
         return (to_model_range(batch).to(self.device, non_blocking=True) for batch in loader)
@@ -159,6 +176,7 @@ class DPTrainer(TrainingLoop):
                 "max_grad_norm": self.private.max_grad_norm, "sample_rate": self.sample_rate,
                 "critic_steps": self.private.steps, "planned_epsilon": self.planned_epsilon,
                 "target_epsilon": self.cfg.privacy.target_epsilon or None, "accountant": "rdp (opacus)",
+                "secret_seeds": self.cfg.privacy.secret_seeds,
                 "training_patches": len(self.dataset)}
 
     def _extra(self) -> dict:
@@ -186,7 +204,8 @@ class DPTrainer(TrainingLoop):
             torch.save({"generator": self.generator.state_dict(), "critic": self.private.critic.state_dict(),
                         "g_optimizer": self.g_optimizer.state_dict(),
                         "c_optimizer": self.private.optimizer.original_optimizer.state_dict(),
-                        "noise_rng": self.noise_rng.get_state(), "critic_steps": self.private.steps},
+                        "noise_rng": self.noise_rng.get_state(), "sampling_seed": self.sampling_seed,
+                        "critic_steps": self.private.steps},
                        where / ckpt.DP_STATE)
 
     def _state_extra(self) -> dict:
@@ -212,4 +231,5 @@ class DPTrainer(TrainingLoop):
         self.g_optimizer.load_state_dict(payload["g_optimizer"])
         self.private.optimizer.original_optimizer.load_state_dict(payload["c_optimizer"])
         self.noise_rng.set_state(payload["noise_rng"])
+        self.sampling_seed = int(payload["sampling_seed"])
         self.private.steps = int(payload["critic_steps"])
