@@ -38,6 +38,14 @@ on CPU (tests/test_plan.py) the estimate is 4 % (generator step) to 11 % (critic
 Total per rank = generator engine + critic engine + activations + OVERHEAD_BYTES (CUDA context,
 cuDNN/NCCL workspaces, allocator fragmentation: 1 GiB).
 
+The dp variant (``privacy.enabled``) trains without DeepSpeed: fp32, whole networks and Adam
+states on every rank (stage 0), no penalty. Its critic step runs one forward on b real + b fake
+patches, where b is a Poisson batch planned at its 3-sigma size ``B + ceil(3 sqrt(B))`` for the
+configured mean B, and Opacus adds what per-sample gradients cost::
+
+    critic step (dp) = 2b A_c/sample + 2b P_c x 4 bytes (one gradient per sample)
+                       + 2b U x 4 bytes (the largest Conv3d's unfolded input, U per sample)
+
 Example:
     >>> cfg = load_config("c_sn_mp")
     >>> p = plan_memory(cfg, world_size=4, gpu_memory_gb=80)
@@ -310,6 +318,53 @@ def activation_bytes(model: ModelConfig, batch_size: int, precision: str, checkp
     return Activations(generator_step, critic_step, peak)
 
 
+def dp_batch(batch_size: int) -> int:
+    """The Poisson batch a dp plan provisions for: the mean plus three standard deviations."""
+    return batch_size + math.ceil(3 * math.sqrt(batch_size))
+
+
+def per_sample_elements(model: ModelConfig) -> tuple[int, int]:
+    """(critic parameters, largest Conv3d unfolded input) per sample: what Opacus' per-sample
+    gradients of the critic hold, in elements."""
+    return _per_sample_elements(_model_key(model))
+
+
+@lru_cache(maxsize=64)
+def _per_sample_elements(key: tuple) -> tuple[int, int]:
+    import torch
+    from torch import nn
+
+    from hpc_gan.models.build import build_critic
+
+    model = _model_of(key)
+    unfolded = [0]
+
+    def hook(module, inputs, output):  # (1, C_in, ...) -> (1, C_out, X', Y', Z')
+        unfolded[0] = max(unfolded[0], module.in_channels * math.prod(module.kernel_size) * output[0, 0].numel())
+
+    with torch.device("meta"):
+        critic = build_critic(model)
+        handles = [m.register_forward_hook(hook) for m in critic.modules() if isinstance(m, nn.Conv3d)]
+        with torch.no_grad():
+            critic(torch.empty(1, 2, *model.patch_shape))
+    for h in handles:
+        h.remove()
+    return sum(p.numel() for p in critic.parameters() if p.requires_grad), unfolded[0]
+
+
+def dp_activation_bytes(model: ModelConfig, batch_size: int) -> tuple[Activations, int]:
+    """The dp variant's activations (fp32, no penalty, no checkpointing) and, included in its
+    critic step, the bytes of the per-sample gradients and the unfolded input."""
+    gen, critic = (_scaled(s, batch_size) for s in network_activations(model, 1))
+    samples = 2 * dp_batch(batch_size)                     # real + as many fakes, one critic forward
+    per_critic = _scaled(network_activations(model, 1)[1], samples)
+    params, unfold = per_sample_elements(model)
+    per_sample = samples * (params + unfold) * 4
+    critic_step = per_critic.total * 4 + per_sample
+    generator_step = (gen.total + critic.total) * 4
+    return Activations(generator_step, critic_step, max(critic_step, generator_step, gen.transient * 4)), per_sample
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -328,7 +383,9 @@ class MemoryPlan:
     overhead_bytes: int
     gpu_memory_bytes: int
     largest_batch: int
-    recommended_generator_stage: int | None  # None: no stage fits the configured batch
+    recommended_generator_stage: int | None  # None: no stage fits the configured batch (or dp: no ZeRO)
+    dp: bool = False  # privacy.enabled: Opacus, no DeepSpeed (stage 0 in the engine rows)
+    per_sample_bytes: int = 0  # dp: per-sample gradients and unfolded inputs, part of the critic step
 
     @property
     def total_bytes(self) -> int:
@@ -351,6 +408,9 @@ class MemoryPlan:
 def _total_bytes(cfg: RunConfig, world_size: int, precision: str, batch_size: int, generator_stage: int) -> int:
     train = cfg.train
     n_gen, n_critic = count_model_parameters(cfg.model)
+    if cfg.privacy.enabled:
+        engines = (engine_memory(n, p, "fp32", 0, world_size) for n, p in (("generator", n_gen), ("critic", n_critic)))
+        return sum(e.device_bytes for e in engines) + dp_activation_bytes(cfg.model, batch_size)[0].peak + OVERHEAD_BYTES
     gen = engine_memory("generator", n_gen, precision, generator_stage, world_size, train.offload_optimizer)
     critic = engine_memory("critic", n_critic, precision, train.zero_stage_critic, world_size, train.offload_optimizer)
     acts = activation_bytes(cfg.model, batch_size, precision, train.activation_checkpointing)
@@ -383,6 +443,8 @@ def largest_batch(cfg: RunConfig, world_size: int, gpu_memory_gb: float, generat
 def recommend_generator_stage(cfg: RunConfig, world_size: int, gpu_memory_gb: float, cuda: bool = True) -> int | None:
     """Smallest generator ZeRO stage (1..3) at which the configured batch fits; the critic keeps its
     configured stage (at most 2: the penalty's double backward cannot run under ZeRO-3)."""
+    if cfg.privacy.enabled:
+        return None  # no ZeRO: the dp variant trains without DeepSpeed
     precision = plan_precision(cfg, cuda)
     for stage in (1, 2, 3):
         if _total_bytes(cfg, world_size, precision, cfg.train.batch_size, stage) <= gpu_memory_gb * GIB:
@@ -412,6 +474,15 @@ def plan_memory(cfg: RunConfig, world_size: int, gpu_memory_gb: float = DEFAULT_
     train = cfg.train
     precision = plan_precision(cfg, cuda)
     n_gen, n_critic = count_model_parameters(cfg.model)
+    if cfg.privacy.enabled:
+        activations, per_sample = dp_activation_bytes(cfg.model, train.batch_size)
+        return MemoryPlan(
+            variant=cfg.variant or "custom", world_size=world_size, precision="fp32", batch_size=train.batch_size,
+            activation_checkpointing=False, generator=engine_memory("generator", n_gen, "fp32", 0, world_size),
+            critic=engine_memory("critic", n_critic, "fp32", 0, world_size), activations=activations,
+            overhead_bytes=OVERHEAD_BYTES, gpu_memory_bytes=int(gpu_memory_gb * GIB),
+            largest_batch=largest_batch(cfg, world_size, gpu_memory_gb, cuda=cuda), recommended_generator_stage=None,
+            dp=True, per_sample_bytes=per_sample)
     return MemoryPlan(
         variant=cfg.variant or "custom",
         world_size=world_size,
@@ -449,10 +520,11 @@ def fit_warnings(runs: Iterable, gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB) -
             continue
         plan = plan_memory(cfg, cfg.cluster.nodes * cfg.cluster.tasks_per_node, gpu_memory_gb)
         if not plan.fits:
+            remedy = ("lower train.batch_size: the dp variant has no ZeRO" if plan.dp else
+                      "try --set train.zero_stage_generator=3 or activation checkpointing")
             lines.append(
                 f"warning: variant {plan.variant}: estimated {plan.total_bytes / GIB:.1f} GiB per GPU exceeds "
-                f"{gpu_memory_gb:g} GiB (largest batch that fits: {plan.largest_batch}; try --set "
-                "train.zero_stage_generator=3 or activation checkpointing)"
+                f"{gpu_memory_gb:g} GiB (largest batch that fits: {plan.largest_batch}; {remedy})"
             )
     return lines
 
@@ -477,14 +549,17 @@ def format_plan(plan: MemoryPlan) -> str:
     a = plan.activations
     lines += [
         f"{'activations':16s}{gib(a.peak)}  (critic step {a.critic_step / GIB:.2f}, generator step "
-        f"{a.generator_step / GIB:.2f})",
+        f"{a.generator_step / GIB:.2f})"
+        + (f"; dp: per-sample gradients {plan.per_sample_bytes / GIB:.2f} of the critic step, at a Poisson batch "
+           f"of {dp_batch(plan.batch_size)} real + as many fake" if plan.dp else ""),
         f"{'overhead':16s}{gib(plan.overhead_bytes)}",
         f"{'total':16s}{gib(plan.total_bytes)}  of {plan.gpu_memory_bytes / GIB:g} GiB per GPU: "
         f"{'fits' if plan.fits else 'DOES NOT FIT'}"
         + (f"; host {plan.host_bytes / GIB:.2f} GiB" if plan.host_bytes else ""),
         f"largest batch per rank that fits: {plan.largest_batch}",
         "recommended generator ZeRO stage: "
-        + (str(plan.recommended_generator_stage) if plan.recommended_generator_stage else
+        + ("none: the dp variant trains without DeepSpeed (Opacus keeps whole fp32 networks per rank)" if plan.dp
+           else str(plan.recommended_generator_stage) if plan.recommended_generator_stage else
            "none fits the configured batch (enable activation checkpointing or lower train.batch_size)"),
     ]
     return "\n".join(lines)

@@ -57,6 +57,13 @@ def test_dry_run_prints_config_deepspeed_and_sbatch(base, capsys):
     assert "srun" in out
 
 
+def test_dry_run_of_dp_says_it_uses_no_deepspeed(base, capsys):
+    assert _submit("--variant", "dp", *base, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "# ---- dp: no DeepSpeed: DP-SGD critic with Opacus across 1 rank(s), fp32" in out
+    assert "DeepSpeed generator config" not in out and "#SBATCH --requeue" in out
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--variant", "snmp"], ["unknown variant 'snmp'", "valid variants:", "c_sn_mp"]),
     (["--variant", "sn", "--nodes", "0"], ["--nodes", "must be at least 1"]),

@@ -165,6 +165,54 @@ def test_activation_estimate_matches_a_measured_iteration():
         assert 0.5 <= ratio <= 2.0, f"{name}: estimate / measurement = {ratio:.3f}"
 
 
+def test_dp_plan_has_no_zero_and_counts_per_sample_gradients():
+    cfg = load_config("dp", overrides=["cluster.gpus_per_node=1"])
+    p = plan.plan_memory(cfg, 4, 80)
+    assert p.dp and p.precision == "fp32" and p.recommended_generator_stage is None
+    for engine in (p.generator, p.critic):  # whole networks on every rank: 4 + 4 + 8 bytes per parameter
+        assert engine.zero_stage == 0 and engine.device_bytes == 16 * engine.parameters
+    critic_params, unfold = plan.per_sample_elements(cfg.model)
+    assert critic_params == p.critic.parameters
+    assert p.per_sample_bytes == 2 * plan.dp_batch(4) * (critic_params + unfold) * 4 and plan.dp_batch(4) == 10
+    assert p.activations.critic_step > p.per_sample_bytes
+    assert "the dp variant trains without DeepSpeed" in plan.format_plan(p)
+    big = load_config("dp", overrides=["cluster.gpus_per_node=1", "train.batch_size=4000"])
+    (line,) = plan.fit_warnings([SimpleNamespace(cfg=big)], 80)
+    assert line.endswith("lower train.batch_size: the dp variant has no ZeRO)")
+    assert 0 < plan.largest_batch(big, 1, 80) < 4000 and plan.largest_batch(big, 1, 40) <= plan.largest_batch(big, 1, 80)
+
+
+def test_dp_estimate_matches_a_measured_opacus_step():
+    """Saved activations plus Opacus' per-sample gradients of one DP critic step, measured on CPU,
+    against the plan's critic step without the (transient) unfolded input."""
+    pytest.importorskip("opacus")
+    from hpc_gan.privacy.dp_critic import make_private_critic
+
+    cfg = load_config("dp", "smoke", overrides=["model.ndf=64", "train.batch_size=4"])
+    torch.manual_seed(0)
+    critic = build_critic(cfg.model)
+    params = {p.untyped_storage().data_ptr() for p in critic.parameters()}
+    private = make_private_critic(critic, torch.optim.Adam(critic.parameters()), 0.1, 1.0, 1.0)
+    samples = 2 * plan.dp_batch(cfg.train.batch_size)
+    patches = torch.rand(samples, 2, *cfg.model.patch_shape) * 2 - 1
+
+    def step():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            private.module(patches).sum().backward()
+
+    saved = _saved_bytes(step, params)
+    per_sample = sum(p.grad_sample.numel() * 4 for p in private.module.parameters() if p.requires_grad)
+    critic_params, unfold = plan.per_sample_elements(cfg.model)
+    assert per_sample == samples * critic_params * 4                     # exact
+    est = plan.dp_activation_bytes(cfg.model, cfg.train.batch_size)[0].critic_step - samples * unfold * 4
+    ratio = est / (saved + per_sample)
+    print(f"dp critic step: estimate / measurement = {ratio:.3f}")
+    assert 0.8 <= ratio <= 1.25, ratio
+
+
 # --------------------------------------------------------------------------- command line
 
 
