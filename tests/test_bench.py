@@ -29,3 +29,13 @@ def test_train_step_benchmark_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["trainer_step_ms"] > 0 and result["bare_step_ms"] > 0
+
+
+@pytest.mark.multiprocess
+def test_dp_step_benchmark_runs():
+    pytest.importorskip("opacus")
+    done = subprocess.run([sys.executable, str(REPO / "bench/dp_step.py"), "--steps", "1", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["dp_iteration_ms"] > 0 and result["plain_iteration_ms"] > 0 and result["n_critic"] == 5
