@@ -145,6 +145,17 @@ def test_secret_seeds_stay_out_of_published_files_and_survive_resume(smoke_shard
     assert str(first.sampling_seed).encode() not in consolidated
 
 
+def test_a_stop_request_checkpoints_and_ends_the_run_for_requeue(smoke_shards, tmp_path):
+    trainer = DPTrainer(_cfg(smoke_shards, tmp_path, "train.checkpoint_every=100"), SINGLE)
+    trainer.stop_requested = True                          # as the SIGUSR2 handler leaves it
+    trainer.fit()
+    assert trainer.step == 1 and trainer.stop_requested
+    assert (trainer.ckpt_root / "latest").read_text().strip() == "step-00000001"
+    resumed = DPTrainer(_cfg(smoke_shards, tmp_path, "train.checkpoint_every=100"), SINGLE)
+    resumed.fit()
+    assert resumed.step == 4 and resumed.private.steps == 20
+
+
 def test_resume_with_other_privacy_settings_is_refused(smoke_shards, tmp_path):
     DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE).fit()
     other = DPTrainer(_cfg(smoke_shards, tmp_path, "privacy.noise_multiplier=0.7"), SINGLE)
