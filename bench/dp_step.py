@@ -36,25 +36,16 @@ import torch  # noqa: E402
 from hpc_gan import dist  # noqa: E402
 from hpc_gan.config import load_config  # noqa: E402
 from hpc_gan.data.dataset import PatchLoader  # noqa: E402
-from hpc_gan.models import build_critic, build_generator  # noqa: E402
 from hpc_gan.privacy.dp_critic import clip_weights  # noqa: E402
 from hpc_gan.privacy.dp_trainer import DPTrainer  # noqa: E402
 from hpc_gan.train.steps import to_model_range  # noqa: E402
 
 from _report import emit  # noqa: E402
-from train_step import make_shards  # noqa: E402
+from train_step import BareLoop, make_shards  # noqa: E402
 
 
-class PlainLoop:
-    """The dp variant's recipe without DP-SGD, in plain PyTorch."""
-
-    def __init__(self, cfg) -> None:
-        torch.manual_seed(cfg.train.seed)
-        self.cfg = cfg
-        self.g, self.d = build_generator(cfg.model), build_critic(cfg.model)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.train.lr_generator, betas=cfg.train.betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.train.lr_critic, betas=cfg.train.betas)
-        self.rng = torch.Generator().manual_seed(1)
+class PlainLoop(BareLoop):
+    """The dp variant's recipe without DP-SGD, in plain PyTorch (train_step.py's networks and Adams)."""
 
     def iteration(self, batches) -> None:
         t = self.cfg.train
