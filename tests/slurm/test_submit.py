@@ -1,5 +1,5 @@
-"""launch/submit.py on a real SLURM cluster (tests/slurm/cluster.sh): multi-node DeepSpeed,
-arrays, time limit -> checkpoint -> requeue -> resume."""
+"""launch/submit.py on a real SLURM cluster (tests/slurm/cluster.sh): multi-node DeepSpeed, the
+dp variant on two nodes, arrays, time limit -> checkpoint -> requeue -> resume."""
 
 from __future__ import annotations
 
@@ -68,6 +68,20 @@ def test_c_sn_mp_on_four_nodes(slurm_workdir, shards):
     run_dir = Path(job["run_dir"])
     assert (run_dir / "checkpoints" / "step-00000006" / "COMPLETE").exists()
     assert list((run_dir / "consolidated").glob("generator-step-00000006.pt"))
+    assert sacct_state(job["job_id"]) == "COMPLETED"
+
+
+def test_dp_on_two_nodes(slurm_workdir, shards):
+    """The dp variant (Opacus' data-parallel route, no DeepSpeed) under srun on two nodes."""
+    done = submit(slurm_workdir, shards, "private", "--variant", "dp", "--nodes", "2", "--tasks-per-node", "1",
+                  "--set", "train.max_steps=3", "--set", "train.log_every=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = jobs(slurm_workdir, "private")["dp"]
+    log = Path(job["stdout"]).read_text()
+    assert "variant dp (DP-SGD critic, Opacus, no DeepSpeed) | world size 2 (slurm)" in log
+    records = metrics(job["run_dir"])
+    assert [r["critic_steps"] for r in records] == [5, 10, 15] and 0 < records[0]["epsilon"] < records[-1]["epsilon"]
+    assert list((Path(job["run_dir"]) / "consolidated").glob("generator-step-00000003.pt"))
     assert sacct_state(job["job_id"]) == "COMPLETED"
 
 
