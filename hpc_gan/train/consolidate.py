@@ -10,8 +10,9 @@ The file ``<run_dir>/consolidated/generator-<tag>.pt`` is a plain dict (loads wi
      "state_dict": {name: fp32 tensor, ...}}
 
 ``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition (the dp
-variant's trainer writes them whole, no shards) plus the BatchNorm running statistics (averaged over ranks when the checkpoint was written). A
-``.sha256`` file beside it holds its SHA-256, checked on load.
+variant's trainer writes them whole, no shards) plus the BatchNorm running statistics (averaged
+over ranks when the checkpoint was written). A ``.sha256`` file beside it holds its SHA-256,
+checked on load.
 """
 
 from __future__ import annotations
