@@ -21,19 +21,26 @@ Activations (what autograd keeps for backward, in the precision's element size):
 and the critic are run on meta inputs with forward hooks; each layer contributes the tensor its
 backward needs (Conv3d, Linear, BatchNorm, InstanceNorm, GroupNorm, LeakyReLU: their input;
 ReLU, Tanh: their output; Upsample, Identity: nothing), counted once per storage (views and
-in-place ReLUs share one). With A_g, A_c the generator's and critic's saved bytes at the batch::
+in-place ReLUs share one). With A_g, A_c the generator's and critic's saved bytes at the batch,
+T_g, T_c the largest input + output of one of their layers (a layer's gradients in backward, or
+a no-grad forward) and B_g the generator's backward peak (walking its layers backwards, what is
+still saved up to a layer plus that layer's input and output gradients)::
 
     critic step     = 2 A_c  (critic on real and on fake patches)
                     + 2 A_c  (penalty: critic on interpolated patches, x2 for the
                               create_graph backward that the penalty's gradient flows through)
-    generator step  = A_g + A_c  (the critic's activations are kept for the input gradient)
-    activations     = max(critic step, generator step, no-grad generator forward)
+                    + T_c
+    generator step  = max(A_g + A_c + T_c, B_g)  (the critic's activations are kept for the input
+                      gradient and freed before backward reaches the generator)
+    activations     = max(critic step, generator step, T_g)
 
 The two steps never hold their graphs at once (each backward frees its own), hence the max.
 With activation checkpointing a network keeps only each block's input plus the internals of one
-block (recomputed in backward, one block at a time); the penalty's forward is not reduced
-(its double backward keeps the recomputed graph). Measured against a plain PyTorch iteration
-on CPU (tests/test_plan.py) the estimate is 4 % (generator step) to 11 % (critic step) high.
+block (recomputed in backward, one block at a time), and the generator step becomes
+A_g' + A_c' + max(T_g, T_c); the penalty's forward is not reduced (its double backward keeps the
+recomputed graph). Measured on CPU (tests/test_plan.py: the peak of live tensors over a plain
+PyTorch iteration, from the profiler's per-operator allocations) the estimate is 0-4 % high for
+sn and gp critics, with and without checkpointing.
 
 Total per rank = generator engine + critic engine + activations + OVERHEAD_BYTES (CUDA context,
 cuDNN/NCCL workspaces, allocator fragmentation: 1 GiB).
@@ -43,8 +50,12 @@ states on every rank (stage 0), no penalty. Its critic step runs one forward on 
 patches, where b is a Poisson batch planned at its 3-sigma size ``B + ceil(3 sqrt(B))`` for the
 configured mean B, and Opacus adds what per-sample gradients cost::
 
-    critic step (dp) = 2b A_c/sample + 2b P_c x 4 bytes (one gradient per sample)
+    critic step (dp) = 2b (A_c + T_c)/sample + 2b P_c x 4 bytes (one gradient per sample)
                        + 2b U x 4 bytes (the largest Conv3d's unfolded input, U per sample)
+
+Measured on CPU, the saved activations plus the per-sample gradients are within 1 % of an
+Opacus step; T_c and U live inside single operators, which the profiler cannot see, and stay
+unvalidated upper bounds.
 
 Example:
     >>> cfg = load_config("c_sn_mp")
@@ -196,8 +207,10 @@ class SavedTensors:
 
     total: int  # every layer's saved tensor, once per storage
     checkpointed: int  # block inputs + layers outside blocks + the largest block's internals
-    transient: int  # largest input + output of a layer under no_grad
+    transient: int  # largest input + output of a layer (no_grad forward; a layer's gradients in backward)
     weights: int = 0  # batch-independent part of total and checkpointed: spectral-norm weights W / sigma
+    backward_peak: int = 0  # backward without checkpointing: max over layers of what is still saved up to
+    #                         that layer plus its input and output gradients (saved tensors free as backward passes)
 
 
 def _saved_by(layer) -> str | None:
@@ -239,6 +252,7 @@ def saved_tensors(network, example) -> SavedTensors:
     weights = [0]
     block_inputs: dict[int, object] = {}
     transient = [0]
+    timeline: list[tuple[int, int]] = []  # per layer, forward order: (saved so far, its input + output)
 
     def layer_hook(module, inputs, output):
         if id(module) in parametrizations:
@@ -249,6 +263,7 @@ def saved_tensors(network, example) -> SavedTensors:
         if where is not None:
             t = inputs[0] if where == "input" else output
             seen.setdefault(_key(t), (t.numel(), owner.get(id(module)), t))
+        timeline.append((sum(n for n, _, _ in seen.values()), inputs[0].numel() + output.numel()))
 
     def block_hook(module, inputs):
         block_inputs.setdefault(_key(inputs[0]), inputs[0])
@@ -267,7 +282,9 @@ def saved_tensors(network, example) -> SavedTensors:
     inputs = {k: t.numel() for k, t in block_inputs.items() if k not in outside}
     per_block = [sum(n for n, b, _ in seen.values() if b == i) for i in range(len(blocks))]
     checkpointed = sum(outside.values()) + sum(inputs.values()) + max(per_block, default=0)
-    return SavedTensors(total + weights[0], min(total, checkpointed) + weights[0], transient[0], weights[0])
+    backward_peak = max((saved + grads for saved, grads in timeline), default=0)
+    return SavedTensors(total + weights[0], min(total, checkpointed) + weights[0], transient[0], weights[0],
+                        backward_peak + weights[0])
 
 
 def network_activations(model: ModelConfig, batch_size: int) -> tuple[SavedTensors, SavedTensors]:
@@ -292,7 +309,7 @@ def _network_activations(key: tuple, batch_size: int) -> tuple[SavedTensors, Sav
 def _scaled(saved: SavedTensors, factor: int) -> SavedTensors:
     w = saved.weights
     return SavedTensors((saved.total - w) * factor + w, (saved.checkpointed - w) * factor + w,
-                        saved.transient * factor, w)
+                        saved.transient * factor, w, (saved.backward_peak - w) * factor + w)
 
 
 @dataclass(frozen=True)
@@ -312,8 +329,11 @@ def activation_bytes(model: ModelConfig, batch_size: int, precision: str, checkp
     elem = element_bytes(precision)
     kept_g = gen.checkpointed if checkpointing else gen.total
     kept_c = critic.checkpointed if checkpointing else critic.total
-    critic_step = (CRITIC_FORWARDS_PLAIN * kept_c + PENALTY_FACTOR * critic.total) * elem
-    generator_step = (kept_g + kept_c) * elem
+    critic_step = (CRITIC_FORWARDS_PLAIN * kept_c + PENALTY_FACTOR * critic.total + critic.transient) * elem
+    if checkpointing:  # one block's recomputed graph at a time, plus a layer's gradients
+        generator_step = (kept_g + kept_c + max(gen.transient, critic.transient)) * elem
+    else:  # backward reaches the generator once the critic's saved tensors are freed
+        generator_step = max(gen.total + critic.total + critic.transient, gen.backward_peak) * elem
     peak = max(critic_step, generator_step, gen.transient * elem)
     return Activations(generator_step, critic_step, peak)
 
@@ -355,14 +375,15 @@ def _per_sample_elements(key: tuple) -> tuple[int, int]:
 def dp_activation_bytes(model: ModelConfig, batch_size: int) -> tuple[Activations, int]:
     """The dp variant's activations (fp32, no penalty, no checkpointing) and, included in its
     critic step, the bytes of the per-sample gradients and the unfolded input."""
-    gen, critic = (_scaled(s, batch_size) for s in network_activations(model, 1))
+    generator_step = activation_bytes(model, batch_size, "fp32", checkpointing=False).generator_step  # as without DP
+    gen, _ = network_activations(model, 1)
     samples = 2 * dp_batch(batch_size)                     # real + as many fakes, one critic forward
-    per_critic = _scaled(network_activations(model, 1)[1], samples)
+    critic = _scaled(network_activations(model, 1)[1], samples)
     params, unfold = per_sample_elements(model)
     per_sample = samples * (params + unfold) * 4
-    critic_step = per_critic.total * 4 + per_sample
-    generator_step = (gen.total + critic.total) * 4
-    return Activations(generator_step, critic_step, max(critic_step, generator_step, gen.transient * 4)), per_sample
+    critic_step = (critic.total + critic.transient) * 4 + per_sample
+    peak = max(critic_step, generator_step, _scaled(gen, batch_size).transient * 4)
+    return Activations(generator_step, critic_step, peak), per_sample
 
 
 # --------------------------------------------------------------------------- the plan

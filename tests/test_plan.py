@@ -67,7 +67,8 @@ def test_activation_walk_is_linear_in_the_batch():
 def test_checkpointing_reduces_activations():
     on = plan.plan_memory(load_config("c_sn_mp", overrides=["train.activation_checkpointing=true"]), 4)
     off = plan.plan_memory(load_config("c_sn_mp"), 4)
-    assert on.activations.generator_step < off.activations.generator_step / 2
+    # measured on CPU (test_activation_peak_matches_the_profiled_peak_of_an_iteration): 0.63 of the peak
+    assert on.activations.generator_step < 0.7 * off.activations.generator_step
     assert on.largest_batch > off.largest_batch
 
 
@@ -154,6 +155,8 @@ def _measure_iteration(cfg) -> tuple[int, int]:
 
 
 def test_activation_estimate_matches_a_measured_iteration():
+    """Coarse: the estimate also holds a layer's gradients in backward, which autograd does not
+    save; the profiled peak below is the precise check."""
     cfg = load_config("sn", "smoke", overrides=["model.ngf=64", "model.ndf=64", "train.batch_size=4"])
     measured_critic, measured_generator = _measure_iteration(cfg)
     est = plan.activation_bytes(cfg.model, cfg.train.batch_size, "fp32", checkpointing=False)
@@ -184,7 +187,9 @@ def test_dp_plan_has_no_zero_and_counts_per_sample_gradients():
 
 def test_dp_estimate_matches_a_measured_opacus_step():
     """Saved activations plus Opacus' per-sample gradients of one DP critic step, measured on CPU,
-    against the plan's critic step without the (transient) unfolded input."""
+    against the same two terms of the plan's critic step. Its other two terms, a layer's gradients
+    and the largest unfolded input, live inside single operators (Opacus' einsum): the profiler
+    cannot see them, so they stay unvalidated upper bounds."""
     pytest.importorskip("opacus")
     from hpc_gan.privacy.dp_critic import make_private_critic
 
@@ -207,10 +212,64 @@ def test_dp_estimate_matches_a_measured_opacus_step():
     per_sample = sum(p.grad_sample.numel() * 4 for p in private.module.parameters() if p.requires_grad)
     critic_params, unfold = plan.per_sample_elements(cfg.model)
     assert per_sample == samples * critic_params * 4                     # exact
-    est = plan.dp_activation_bytes(cfg.model, cfg.train.batch_size)[0].critic_step - samples * unfold * 4
-    ratio = est / (saved + per_sample)
+    critic_acts = plan._scaled(plan.network_activations(cfg.model, 1)[1], samples)
+    step = plan.dp_activation_bytes(cfg.model, cfg.train.batch_size)[0].critic_step
+    assert step == (critic_acts.total + critic_acts.transient + samples * (critic_params + unfold)) * 4
+    ratio = (critic_acts.total + samples * critic_params) * 4 / (saved + per_sample)
     print(f"dp critic step: estimate / measurement = {ratio:.3f}")
     assert 0.8 <= ratio <= 1.25, ratio
+
+
+def _profiled_peak(cfg) -> int:
+    """Peak bytes of live tensors over one plain-PyTorch WGAN-GP iteration (fp32, CPU), above those
+    alive when it starts (weights, Adam states), from the profiler's per-operator allocations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    generator, critic = build_generator(cfg.model), build_critic(cfg.model)
+    generator.checkpointing = critic.checkpointing = cfg.train.activation_checkpointing
+    opt_g, opt_d = torch.optim.Adam(generator.parameters()), torch.optim.Adam(critic.parameters())
+    batch, latent = cfg.train.batch_size, cfg.model.latent_dim
+    real = torch.rand(batch, 2, *cfg.model.patch_shape) * 2 - 1
+
+    def iteration():
+        with torch.no_grad():
+            fake = generator(torch.randn(batch, latent))
+        loss = critic(fake).mean() - critic(real).mean() + cfg.train.gp_weight * gradient_penalty(critic, real, fake)
+        opt_d.zero_grad()
+        loss.backward()
+        opt_d.step()
+        for p in critic.parameters():
+            p.requires_grad_(False)
+        loss_g = -critic(generator(torch.randn(batch, latent))).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        for p in critic.parameters():
+            p.requires_grad_(True)
+
+    iteration()  # gradients and Adam states exist from here on
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        iteration()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # what the operator allocated minus what it freed
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("variant", ["sn", "gp"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_peak_matches_the_profiled_peak_of_an_iteration(variant, checkpointing):
+    """The planner's activation peak against the measured peak of live tensors in one iteration
+    (allocations freed inside a single operator, e.g. convolution workspaces, are not seen)."""
+    cfg = load_config(variant, "smoke", overrides=["model.ngf=64", "model.ndf=64", "train.batch_size=4",
+                                                    "model.patch_shape=48,48,32",
+                                                    f"train.activation_checkpointing={str(checkpointing).lower()}"])
+    measured = _profiled_peak(cfg)
+    ratio = plan.activation_bytes(cfg.model, 4, "fp32", checkpointing).peak / measured
+    print(f"{variant} checkpointing={checkpointing}: estimate / measured peak = {ratio:.3f}")
+    assert 0.9 <= ratio <= 1.15, ratio
 
 
 # --------------------------------------------------------------------------- command line
