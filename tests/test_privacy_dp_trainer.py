@@ -122,9 +122,12 @@ def test_consolidated_dp_generator_samples_like_the_trained_one(trained, tmp_pat
 def test_resume_is_exact(smoke_shards, tmp_path, trained):
     """2 + resume + 2 steps == 4 straight; the split run reads through 2 DataLoader workers, the
     straight one in the main process: the Poisson batches do not depend on either."""
+    import multiprocessing
+
     DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=2", "train.num_workers=2"), SINGLE).fit()
     resumed = DPTrainer(_cfg(smoke_shards, tmp_path, "train.num_workers=2"), SINGLE)
     resumed.fit()
+    assert not multiprocessing.active_children()                            # fit() stopped its loader workers
     assert _losses(resumed.run_dir) == _losses(trained.run_dir)
     assert torch.equal(_weights(resumed), _weights(trained))
 

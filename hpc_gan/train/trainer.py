@@ -134,7 +134,15 @@ class TrainingLoop:
                     break
         finally:
             metrics.close()
+            self._close_batches()
         return record
+
+    def _close_batches(self) -> None:
+        """Stop the data loader's worker processes now: left to the garbage collector, each
+        loader's shutdown waits out a timeout (seconds) at the end of every run."""
+        batches, self._batches = getattr(self, "_batches", None), None
+        if batches is not None:
+            batches.close()
 
     @torch.no_grad()
     def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
