@@ -2,7 +2,7 @@
 """What privacy costs per iteration: the dp trainer against the same recipe without DP-SGD (JSON).
 
 Both sides run the dp variant's iteration (``n_critic`` critic steps with weight clipping, then a
-generator step) on the same networks, batch size, data and precision (fp32, 1 rank, CPU):
+generator step) on the same networks, batch size, data and precision (fp32, 1 rank, CPU or one GPU):
 
 * ``dp``: :class:`hpc_gan.privacy.dp_trainer.DPTrainer` — Poisson batches, Opacus per-sample
   gradients, clipping and noise;
@@ -41,7 +41,7 @@ from hpc_gan.privacy.dp_trainer import DPTrainer  # noqa: E402
 from hpc_gan.train.steps import to_model_range  # noqa: E402
 
 from _report import emit  # noqa: E402
-from train_step import BareLoop, make_shards  # noqa: E402
+from train_step import BareLoop, _sync, make_shards  # noqa: E402
 
 
 class PlainLoop(BareLoop):
@@ -52,9 +52,9 @@ class PlainLoop(BareLoop):
         for p in self.d.parameters():
             p.requires_grad_(True)
         for _ in range(t.n_critic):
-            real = to_model_range(next(batches))
+            real = to_model_range(next(batches)).to(self.device)
             with torch.no_grad():
-                fake = self.g(self.g.sample_latent(real.shape[0], generator=self.rng))
+                fake = self.g(self._latent(real.shape[0]))
             loss = self.d(fake).mean() - self.d(real).mean()
             self.opt_d.zero_grad()
             loss.backward()
@@ -62,16 +62,18 @@ class PlainLoop(BareLoop):
             clip_weights(self.d, t.weight_clip)
         for p in self.d.parameters():
             p.requires_grad_(False)
-        loss_g = -self.d(self.g(self.g.sample_latent(t.batch_size, generator=self.rng))).mean()
+        loss_g = -self.d(self.g(self._latent(t.batch_size))).mean()
         self.opt_g.zero_grad()
         loss_g.backward()
         self.opt_g.step()
 
 
-def timed(fn, steps: int) -> float:
+def timed(fn, steps: int, device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         shards = make_shards(Path(tmp), cfg.model.patch_shape)
         cfg = load_config("dp", args.profile, overrides=[*overrides, f"data.root={shards}", f"output_root={tmp}/runs"])
         trainer = DPTrainer(cfg, env)
-        plain = PlainLoop(cfg)
+        plain = PlainLoop(cfg, trainer.device)
         batches = iter(PatchLoader(trainer.dataset, cfg.train.batch_size, seed=1))
 
         def dp_iteration():
@@ -92,12 +94,14 @@ def run(args: argparse.Namespace) -> dict:
         def plain_iteration():
             plain.iteration(batches)
 
-        timed(dp_iteration, 2)  # warm-up both
-        timed(plain_iteration, 2)
-        rounds = [(timed(dp_iteration, args.steps), timed(plain_iteration, args.steps)) for _ in range(args.rounds)]
+        device = trainer.device
+        timed(dp_iteration, 2, device)  # warm-up both
+        timed(plain_iteration, 2, device)
+        rounds = [(timed(dp_iteration, args.steps, device), timed(plain_iteration, args.steps, device))
+                  for _ in range(args.rounds)]
     per_sample_mb = trainer.parameters["critic"] * 4 / 2**20
     return {
-        "benchmark": "dp_step", "device": "cpu", "profile": args.profile, "overrides": args.set,
+        "benchmark": "dp_step", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "profile": args.profile, "overrides": args.set,
         "patch_shape": list(cfg.model.patch_shape), "ndf": cfg.model.ndf, "ngf": cfg.model.ngf,
         "batch_size": cfg.train.batch_size, "n_critic": cfg.train.n_critic, "world_size": 1, "precision": "fp32",
         "critic_parameters": trainer.parameters["critic"], "per_sample_gradient_mb_per_sample": round(per_sample_mb, 3),
