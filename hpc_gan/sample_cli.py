@@ -40,4 +40,7 @@ def run(args: argparse.Namespace) -> int:
           f"threshold {done['threshold']:g}, {spacing} mm from {done['spacing_source']['source']}) "
           f"as {done['format']} in {done['out']}")
     print(f"pictures: {done['montage']}  {done['mip']}")
+    dp = done.get("privacy")
+    print(f"privacy: DP-SGD critic, epsilon {dp['epsilon']:.4g} at delta {dp['delta']:.3g} (patch level; "
+          "docs/PRIVACY.md)" if dp else "privacy: no formal guarantee (not trained with differential privacy)")
     return 0

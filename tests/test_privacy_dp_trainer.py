@@ -100,7 +100,7 @@ def test_checkpoint_holds_the_privacy_record(trained):
     assert state["privacy"]["epsilon"] == pytest.approx(trained.private.epsilon(trained.delta))
 
 
-def test_consolidated_dp_generator_samples_like_the_trained_one(trained, tmp_path):
+def test_consolidated_dp_generator_samples_like_the_trained_one(trained, tmp_path, capsys):
     from hpc_gan.data.dataset import ShardedPatchDataset
     from hpc_gan.eval.evaluate import privacy_of
     from hpc_gan.sample import sample_to_disk
@@ -117,6 +117,10 @@ def test_consolidated_dp_generator_samples_like_the_trained_one(trained, tmp_pat
     assert record["privacy"] == meta["privacy"]
     samples = ShardedPatchDataset(tmp_path / "samples", "train")
     assert privacy_of(torch.utils.data.Subset(samples, [0])) == meta["privacy"]
+    from hpc_gan.cli import main
+
+    assert main(["sample", str(path), "--n", "2", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert f"privacy: DP-SGD critic, epsilon {meta['privacy']['epsilon']:.4g}" in capsys.readouterr().out
 
 
 def test_resume_is_exact(smoke_shards, tmp_path, trained):

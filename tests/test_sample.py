@@ -130,6 +130,7 @@ def test_cli_writes_and_reports(gen_file, tmp_path, capsys):
     status, out, err = _cli(capsys, gen_file, "--n", 2, "--out", tmp_path / "o", "--device", "cpu")
     assert status == 0, err
     assert "2 sn samples" in out and "montage.png" in out
+    assert "privacy: no formal guarantee" in out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "missing"])
