@@ -387,7 +387,8 @@ def default_backend() -> str:
 
 
 def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: float = 600) -> None:
-    """Export ``env`` and initialise torch.distributed through DeepSpeed (idempotent).
+    """Export ``env``, make GPU ``local_rank`` this rank's current device under NCCL and
+    initialise torch.distributed through DeepSpeed (idempotent).
 
     DeepSpeed's MPI discovery is turned off: :func:`detect` already read the launcher, and the
     discovery would replace the master address with rank 0's ``hostname -I``.
@@ -408,6 +409,12 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
 
     export(env)
     backend = backend or default_backend()
+    if backend == "nccl":
+        # One GPU per rank: object collectives and code that asks for the current device (the
+        # evaluator, the trainers' verdicts and seeds) would otherwise all use GPU 0 of the node.
+        import torch
+
+        torch.cuda.set_device(env.local_rank)
     log.info("init_process_group: %s launcher, rank %d of %d, master %s:%d, backend %s",
              env.launcher, env.rank, env.world_size, env.master_addr, env.master_port, backend)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

@@ -256,6 +256,26 @@ def test_helpers_work_without_a_process_group(monkeypatch):
     assert not dist.is_rank0()
 
 
+@pytest.mark.unit
+def test_nccl_makes_the_local_rank_gpu_current_before_initialising(monkeypatch):
+    """On a node with several GPUs every rank must not default to GPU 0 (object collectives and
+    the evaluator use the current device)."""
+    import deepspeed
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # whatever ran before in this process
+    monkeypatch.setattr(dist, "export", lambda env: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: calls.append(("init", kwargs["dist_backend"])))
+    env = detect(TORCHRUN)
+    dist.init_process_group(env, backend="nccl")
+    assert calls == [("set_device", env.local_rank), ("init", "nccl")]
+    calls.clear()
+    dist.init_process_group(env, backend="gloo")
+    assert calls == [("init", "gloo")]
+
+
 # --------------------------------------------------------------------------------------------
 # Two real ranks
 

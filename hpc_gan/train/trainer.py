@@ -54,8 +54,6 @@ class TrainingLoop:
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":  # NCCL collectives on objects (seeds, verdicts) use the current device
-            torch.cuda.set_device(self.device)
         self.step = 0
         self.nonfinite_steps = 0
         self.stop_requested = False
