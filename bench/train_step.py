@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(args.variant, profile, overrides=[*sets, f"data.root={shards}", f"output_root={tmp}/runs"])
         trainer = Trainer(cfg, env)
         device = trainer.device
-        trainer_batches = (to_model_range(b).to(device, trainer.dtype, non_blocking=True) for b in trainer.loader)
+        trainer_batches = trainer.batches
         bare_batches = iter(type(trainer.loader)(trainer.dataset, cfg.train.batch_size, seed=1))
         bare = BareLoop(cfg, device, precision)
         time_trainer(trainer, trainer_batches, 3)  # warm-up both

@@ -249,6 +249,7 @@ def saved_tensors(network, example) -> SavedTensors:
     parametrizations = {id(m) for p in network.modules() if isinstance(p, parametrize.ParametrizationList)
                         for m in p.modules()}
     seen: dict[int, tuple] = {}  # key -> (numel, block or None); keeps the tensors alive, so ids stay unique
+    saved = [0]  # sum of the numels in seen
     weights = [0]
     block_inputs: dict[int, object] = {}
     transient = [0]
@@ -262,8 +263,10 @@ def saved_tensors(network, example) -> SavedTensors:
         transient[0] = max(transient[0], inputs[0].numel() + output.numel())
         if where is not None:
             t = inputs[0] if where == "input" else output
-            seen.setdefault(_key(t), (t.numel(), owner.get(id(module)), t))
-        timeline.append((sum(n for n, _, _ in seen.values()), inputs[0].numel() + output.numel()))
+            if _key(t) not in seen:
+                seen[_key(t)] = (t.numel(), owner.get(id(module)), t)
+                saved[0] += t.numel()
+        timeline.append((saved[0], inputs[0].numel() + output.numel()))
 
     def block_hook(module, inputs):
         block_inputs.setdefault(_key(inputs[0]), inputs[0])
@@ -277,7 +280,7 @@ def saved_tensors(network, example) -> SavedTensors:
     finally:
         for h in handles:
             h.remove()
-    total = sum(n for n, _, _ in seen.values())
+    total = saved[0]
     outside = {k: n for k, (n, b, _) in seen.items() if b is None}
     inputs = {k: t.numel() for k, t in block_inputs.items() if k not in outside}
     per_block = [sum(n for n, b, _ in seen.values() if b == i) for i in range(len(blocks))]
@@ -369,16 +372,16 @@ def _per_sample_elements(key: tuple) -> tuple[int, int]:
             critic(torch.empty(1, 2, *model.patch_shape))
     for h in handles:
         h.remove()
-    return sum(p.numel() for p in critic.parameters() if p.requires_grad), unfolded[0]
+    return count_model_parameters(model)[1], unfolded[0]
 
 
 def dp_activation_bytes(model: ModelConfig, batch_size: int) -> tuple[Activations, int]:
     """The dp variant's activations (fp32, no penalty, no checkpointing) and, included in its
     critic step, the bytes of the per-sample gradients and the unfolded input."""
     generator_step = activation_bytes(model, batch_size, "fp32", checkpointing=False).generator_step  # as without DP
-    gen, _ = network_activations(model, 1)
+    gen, critic = network_activations(model, 1)
     samples = 2 * dp_batch(batch_size)                     # real + as many fakes, one critic forward
-    critic = _scaled(network_activations(model, 1)[1], samples)
+    critic = _scaled(critic, samples)
     params, unfold = per_sample_elements(model)
     per_sample = samples * (params + unfold) * 4
     critic_step = (critic.total + critic.transient) * 4 + per_sample

@@ -101,6 +101,8 @@ class _Stack:
 class DPTrainer(TrainingLoop):
     """Trains the dp variant (``privacy.enabled``); ``fit()`` returns the last metrics record (rank 0)."""
 
+    label = " (DP-SGD critic, Opacus, no DeepSpeed)"
+
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
         if not cfg.privacy.enabled:
             raise ConfigError("DPTrainer trains runs with privacy.enabled=true (variant dp); use the Trainer")
@@ -132,7 +134,6 @@ class DPTrainer(TrainingLoop):
         self.noise_rng = torch.Generator(device=self.device).manual_seed(noise_seed)
         self.private = make_private_critic(critic, c_optimizer, self.sample_rate, self.sigma, p.max_grad_norm,
                                            distributed=env.world_size > 1, noise_generator=self.noise_rng)
-        self._batches = None
 
     # ------------------------------------------------------------------ the loop's parts
 
@@ -145,7 +146,7 @@ class DPTrainer(TrainingLoop):
         """Expected passes over the data so far (q x critic steps)."""
         return int(self.private.steps * self.sample_rate)
 
-    def _real_batches(self):
+    def _real_batches(self):  # starts at the critic step count that resume() restored
         sampler = PoissonBatches(len(self.dataset), self.sample_rate, self.env.rank, self.env.world_size,
                                  self.sampling_seed, start=self.private.steps)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Stack(self.dataset.patch_shape),
@@ -153,12 +154,10 @@ class DPTrainer(TrainingLoop):
         return (to_model_range(batch).to(self.device, non_blocking=True) for batch in loader)
 
     def iteration(self) -> StepResult:
-        if self._batches is None:  # created after resume() restored the critic step count
-            self._batches = self._real_batches()
         t = self.cfg.train
         sums = {"d_real": 0.0, "n_real": 0, "d_fake": 0.0, "n_fake": 0}
         for _ in range(t.n_critic):
-            real = next(self._batches)                                     # (b, 2, X, Y, Z), b may be 0
+            real = next(self.batches)                                      # (b, 2, X, Y, Z), b may be 0
             z = self.generator.sample_latent(max(real.shape[0], 1), generator=self.rng, device=self.device)
             for key, value in dp_critic_step(self.generator, self.private, real, z, t.weight_clip).items():
                 sums[key] += value
@@ -185,16 +184,9 @@ class DPTrainer(TrainingLoop):
             "nonfinite_steps": self.nonfinite_steps, "lr_critic": self.cfg.train.lr_critic,
             "lr_generator": self.cfg.train.lr_generator, "precision": self.precision}
 
-    def _announce(self, resumed: str | None) -> None:
-        if self.env.rank != 0:
-            return
-        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} (DP-SGD critic, Opacus, no DeepSpeed) | "
-              f"world size {self.env.world_size} ({self.env.launcher}) | fp32 | parameters "
-              f"G {self.parameters['generator']:,} D {self.parameters['critic']:,} | {len(self.dataset)} patches "
-              f"{'x'.join(map(str, self.dataset.patch_shape))} | q {self.sample_rate:.4g} sigma {self.sigma:.4g} "
-              f"C {self.private.max_grad_norm:g} delta {self.delta:.3g} | planned epsilon {self.planned_epsilon:.4g} | "
-              f"{self.total_steps} steps | " + (f"resumed from {resumed}" if resumed else "fresh start")
-              + f" | {self.run_dir}", flush=True)
+    def _setup_summary(self) -> str:
+        return (f"q {self.sample_rate:.4g} sigma {self.sigma:.4g} C {self.private.max_grad_norm:g} delta "
+                f"{self.delta:.3g} | planned epsilon {self.planned_epsilon:.4g}")
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -41,13 +41,15 @@ class TrainingLoop:
     """What every trainer shares: the run directory, the step loop, metrics, stop requests and
     checkpoints (markers, state.json, RNG states, resume checks).
 
-    Subclasses build the networks, set ``total_steps`` and ``precision`` and supply
-    :meth:`iteration`, :attr:`epoch`, :meth:`samples`, :meth:`_save_networks`,
-    :meth:`_load_networks`, :meth:`_extra` and :meth:`_state_extra`.
+    Subclasses build the networks, set ``total_steps``, ``precision`` and ``parameters`` and
+    supply :meth:`iteration`, :attr:`epoch`, :meth:`_real_batches`, :meth:`_setup_summary`,
+    :meth:`_save_networks`, :meth:`_load_networks`, :meth:`_extra` and :meth:`_state_extra`.
     """
 
     total_steps: int
     precision: str
+    parameters: dict  # {"generator": n, "critic": n}
+    label = ""  # after the variant name in the start line
 
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
         self.cfg, self.env = cfg, env
@@ -63,6 +65,7 @@ class TrainingLoop:
                               f"model.patch_shape is {cfg.model.patch_shape}; re-pack or fix model.patch_shape")
         # Latents and penalty weights differ per rank (different samples) but are reproducible.
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + env.rank)
+        self._batches = None
 
     # ------------------------------------------------------------------ what subclasses supply
 
@@ -79,6 +82,14 @@ class TrainingLoop:
         """One generator step with its ``n_critic`` critic steps (collective: all ranks agree on ``finite``)."""
         raise NotImplementedError
 
+    def _real_batches(self):
+        """This rank's real batches (B, 2, X, Y, Z) in the model's range, on its device."""
+        raise NotImplementedError
+
+    def _setup_summary(self) -> str:
+        """What the start line says about how this trainer trains (ZeRO stages, DP parameters)."""
+        raise NotImplementedError
+
     def _save_networks(self, where: Path) -> None:
         raise NotImplementedError
 
@@ -93,10 +104,14 @@ class TrainingLoop:
         """Entries of each metrics record beyond the averaged losses."""
         return {}
 
-    def _announce(self, resumed: str | None) -> None:
-        pass
-
     # ------------------------------------------------------------------ run
+
+    @property
+    def batches(self):
+        """The real batches; made on first use, i.e. after :meth:`resume` restored the data position."""
+        if self._batches is None:
+            self._batches = self._real_batches()
+        return self._batches
 
     def fit(self) -> dict | None:
         self._prepare_run_dir()
@@ -140,9 +155,19 @@ class TrainingLoop:
     def _close_batches(self) -> None:
         """Stop the data loader's worker processes now: left to the garbage collector, each
         loader's shutdown waits out a timeout (seconds) at the end of every run."""
-        batches, self._batches = getattr(self, "_batches", None), None
+        batches, self._batches = self._batches, None
         if batches is not None:
             batches.close()
+
+    def _announce(self, resumed: str | None) -> None:
+        """The start line in the job log (rank 0)."""
+        if self.env.rank != 0:
+            return
+        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'}{self.label} | world size {self.env.world_size} "
+              f"({self.env.launcher}) | {self.precision} | {self._setup_summary()} | parameters "
+              f"G {self.parameters['generator']:,} D {self.parameters['critic']:,} | {len(self.dataset)} patches "
+              f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
+              + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
 
     @torch.no_grad()
     def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
@@ -267,7 +292,6 @@ class Trainer(TrainingLoop):
         self.total_steps = cfg.train.max_steps or (cfg.train.epochs * self.loader.batches_per_epoch()
                                                    // cfg.train.n_critic)
         self.generator, self.critic = self._engines()
-        self._batches = None
 
     def _engines(self):
         import deepspeed
@@ -299,11 +323,12 @@ class Trainer(TrainingLoop):
     def epoch(self) -> int:
         return self.loader.epoch
 
+    def _real_batches(self):
+        return (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
+
     def iteration(self) -> StepResult:
-        if self._batches is None:  # created after resume() restored the data cursor
-            self._batches = (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
         t = self.cfg.train
-        return train_iteration(self.generator, self.critic, self._batches, self.rng, t.n_critic, t.gp_weight,
+        return train_iteration(self.generator, self.critic, self.batches, self.rng, t.n_critic, t.gp_weight,
                                t.gp_mode, t.weight_clip)
 
     def _extra(self) -> dict:
@@ -313,15 +338,8 @@ class Trainer(TrainingLoop):
                 "lr_critic": self.cfg.train.lr_critic, "lr_generator": self.cfg.train.lr_generator,
                 "precision": self.precision}
 
-    def _announce(self, resumed: str | None) -> None:
-        if self.env.rank != 0:
-            return
-        print(f"hpc_gan train: variant {self.cfg.variant or 'custom'} | world size {self.env.world_size} "
-              f"({self.env.launcher}) | {self.precision} | ZeRO G{self.cfg.train.zero_stage_generator}/"
-              f"D{self.cfg.train.zero_stage_critic} | parameters G {self.parameters['generator']:,} "
-              f"D {self.parameters['critic']:,} | {len(self.dataset)} patches "
-              f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
-              + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
+    def _setup_summary(self) -> str:
+        return f"ZeRO G{self.cfg.train.zero_stage_generator}/D{self.cfg.train.zero_stage_critic}"
 
     def _save_networks(self, where: Path) -> None:
         self.generator.save_checkpoint(str(where), tag="generator", save_latest=False)
