@@ -57,15 +57,25 @@ def run(args: argparse.Namespace) -> None:
 
 
 def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
-    log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
-    ids = write_phantom_dataset(out / "phantoms", args.subjects, seed=0, workers=args.workers, overwrite=True)
-    log.info("2/7 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
-    subjects = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
+    make_phantom_shards(out, args.subjects, cfg.model.patch_shape, args.workers, shards=cfg.data.root)
+    return sorted(p.name.split(".")[0] for p in (out / "phantoms/images").glob("*.nii.gz"))
+
+
+def make_phantom_shards(out: Path, subjects: int, patch_shape, workers: int = 2, shards: Path | None = None) -> Path:
+    """Phantom volumes (96x96x48 voxels of 0.5x0.5x0.8 mm, seed 0) in ``out/phantoms`` packed
+    into ``shards`` (default ``out/shards``): 75/12.5/12.5 % of subjects for train/val/test,
+    50 patches per subject (a 3x3x2 grid and 32 vessel-centred). Shared by the demo and
+    ``bench/convergence.py``. Returns the shard directory."""
+    shards = Path(shards or out / "shards")
+    log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", subjects)
+    ids = write_phantom_dataset(out / "phantoms", subjects, seed=0, workers=workers, overwrite=True)
+    log.info("2/7 packing %s patches into shards", "x".join(map(str, patch_shape)))
+    found = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
     splits = packing.assign_splits(ids, (0.75, 0.125, 0.125), seed=0)
-    manifest = packing.pack(subjects, splits, cfg.data.root, SamplingPlan(cfg.model.patch_shape, (3, 3, 2), 32, 0),
-                            workers=args.workers, overwrite=True, progress=False)
+    manifest = packing.pack(found, splits, shards, SamplingPlan(patch_shape, (3, 3, 2), 32, 0),
+                            workers=workers, overwrite=True, progress=False)
     print(summary(manifest), flush=True)
-    return ids
+    return shards
 
 
 def train(cfg, ranks: int, overrides: list[str]) -> None:
