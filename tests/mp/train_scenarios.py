@@ -316,7 +316,8 @@ def ema(data, work) -> dict:
     return result
 
 
-SCENARIOS = {"ema": ema, "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
+SCENARIOS = {"ema": ema,
+             "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
              "parity": parity}
 
 
