@@ -193,10 +193,13 @@ def prd_figures(generated: np.ndarray, real: np.ndarray, heldout: np.ndarray | N
     return out
 
 
-def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | None, k: int = 3) -> dict:
-    from hpc_gan.eval.nn_metrics import precision_recall_density_coverage
+def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | None, k: int | None = None) -> dict:
+    """Precision/recall and density/coverage of generated (and held-out) vs real features, with the
+    k of the k-NN balls (default :data:`~hpc_gan.eval.nn_metrics.DEFAULT_K`, 5) stated in the result."""
+    from hpc_gan.eval.nn_metrics import DEFAULT_K, precision_recall_density_coverage
 
-    out = {}
+    k = DEFAULT_K if k is None else k
+    out: dict = {"k": k}
     for name, feats in (("generated", generated), ("heldout", heldout)):
         if feats is None or min(len(feats), len(real)) <= k:
             continue
@@ -278,9 +281,10 @@ def markdown(report: dict) -> str:
         gen, held = report["prd"].get(f"generated_{preset}", {}), report["prd"].get(f"heldout_{preset}", {})
         for key in ("F_8", "F_1/8", "auc"):
             lines.append(f"| PRD {preset} {key} | {_fmt(gen.get(key))} | {_fmt(held.get(key))} |")
-    gen_nn, held_nn = report["nearest_neighbours"].get("generated", {}), report["nearest_neighbours"].get("heldout", {})
+    nn = report["nearest_neighbours"]
+    gen_nn, held_nn = nn.get("generated", {}), nn.get("heldout", {})
     for key in ("precision", "recall", "density", "coverage"):
-        lines.append(f"| {key} (k=3) | {_fmt(gen_nn.get(key))} | {_fmt(held_nn.get(key))} |")
+        lines.append(f"| {key} (k={nn.get('k')}) | {_fmt(gen_nn.get(key))} | {_fmt(held_nn.get(key))} |")
     lines += ["", f"Diversity: mean pairwise 3D MS-SSIM among {report['diversity_ms_ssim']['samples']} generated "
               f"images = {_fmt(report['diversity_ms_ssim']['mean_pairwise_ms_ssim'])} (lower = more diverse).", "",
               "| label statistic | Wasserstein distance real↔generated | KS statistic |", "|---|---|---|"]
