@@ -227,8 +227,9 @@ def train_reference_segmenter(dataset, *, steps: int = 300, batch: int = 8, lr: 
     fixed number of steps, no dropout and no early stopping: a measuring instrument, the same for
     every run it scores. Deterministic for a seed on the CPU (initialisation and batch order are
     seeded; the caller's global RNG state is left as it was). On 32×32×16 patches with one
-    intra-op thread on two busy CPU cores: ≈ 0.28 s per step at batch 8 (300 steps ≈ 1.5 min),
-    60 steps at batch 4 ≈ 15 s; two threads on busy cores can be many times slower.
+    intra-op thread on two shared CPU cores: 0.28 s per step at batch 8 (300 steps ≈ 1.5 min) when
+    quiet, 239 s for 300 steps at load average 7; 60 steps at batch 4 ≈ 15 s. Two threads on
+    cores other jobs keep busy can be many times slower than one.
 
     Args:
         dataset: REAL training patches, items ``(2, X, Y, Z)``: image in [-1, 1], label in {0, 1}
