@@ -36,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -311,17 +309,8 @@ def reference_segmenter(real_root: str, split: str = "train", *, cache_dir: str 
     train = {k: settings[k] for k in ("steps", "batch", "lr", "channels")}
     model = train_reference_segmenter(dataset, seed=seed, device=device, **train)
     if path is not None:
-        _save_atomic(model.state_dict(), path)
+        from hpc_gan.train.checkpoint import save_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return model, identity
-
-
-def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
