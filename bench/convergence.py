@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=1000, help="evaluate every this many steps' checkpoint")
     parser.add_argument("--samples", type=int, default=100, help="N of every evaluated set (held-out split: 100)")
     parser.add_argument("--subjects", type=int, default=16)
+    parser.add_argument("--agreement-steps", type=int, default=300, help="training steps of the reference segmenter")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--budget-min", type=float, default=20.0, help="training wall-time budget for the targets")
     parser.add_argument("--tag", default="", help="a name for this row of an ablation table")
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few hundred steps on 8 subjects: checks the script")
     args = parser.parse_args(argv)
     if args.quick:
-        args.subjects, args.steps, args.eval_every, args.samples = 8, 200, 100, 40
+        args.subjects, args.steps, args.eval_every, args.samples, args.agreement_steps = 8, 200, 100, 40, 30
     return args
 
 
@@ -92,7 +93,8 @@ def train(args: argparse.Namespace, shards: Path, work: Path) -> tuple[Path, flo
     return cfg.run_dir, wall, to_dict(cfg)
 
 
-def evaluate_checkpoints(run_dir: Path, shards: Path, samples: int, work: Path, submitted: float) -> list[dict]:
+def evaluate_checkpoints(run_dir: Path, shards: Path, samples: int, work: Path, submitted: float,
+                         agreement_steps: int = 300) -> list[dict]:
     """Every COMPLETE checkpoint: consolidate, sample, evaluate; one flat row each. ``submitted``:
     the epoch time of the submission (a checkpoint's training time counts start-up too)."""
     from hpc_gan.eval.evaluate import evaluate
@@ -109,7 +111,7 @@ def evaluate_checkpoints(run_dir: Path, shards: Path, samples: int, work: Path, 
         sample_to_disk(generator, samples, out / "samples", fmt="hdf5", seed=1, overwrite=True)
         began = time.perf_counter()
         report = evaluate(str(out / "samples"), str(shards), str(out / "report"), n=samples, seed=0,
-                          cache=str(work / "feature_cache"))
+                          cache=str(work / "feature_cache"), agreement_steps=agreement_steps)
         row = flatten(report)
         row.update(step=state["step"], train_seconds=state["saved"] - submitted,
                    eval_seconds=time.perf_counter() - began, montage=str(out / "samples" / "montage.png"))
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = make_phantom_shards(work, args.subjects, patch_shape, workers=2)
         submitted = time.time()
         run_dir, train_wall, config = train(args, shards, work)
-        rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted)
+        rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted, args.agreement_steps)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         evals = [r["eval"] for r in records if isinstance(r.get("eval"), dict)]
         eval_seconds = sum(e.get("seconds", 0.0) for e in evals)
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             "in_training_eval": {"records": len(evals), "seconds": eval_seconds,
                                  "fraction_of_training": eval_seconds / train_wall if train_wall else None},
             "checkpoints": rows, "config": {k: config[k] for k in ("model", "train")},
-            "settings": {"samples": args.samples, "eval_every": args.eval_every, "quick": args.quick},
+            "settings": {"samples": args.samples, "eval_every": args.eval_every, "quick": args.quick,
+                         "agreement_steps": args.agreement_steps},
             "environment": {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
                             "python": platform.python_version(), "load_average": os.getloadavg()},
         }
