@@ -122,10 +122,16 @@ def downstream_test(cfg, out: Path) -> Path:
 
 def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, tstr_dir: Path,
                   seconds: float) -> None:
+    from hpc_gan.train.metrics import is_eval
+
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    first, last = records[0], records[-1]
+    training, evals = [r for r in records if not is_eval(r)], [r for r in records if is_eval(r)]
+    first, last = training[0], training[-1]
     print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
           f"{first['wasserstein']:.3f} -> {last['wasserstein']:.3f} over {last['step']} steps")
+    if evals:
+        print(f"FID during training:    {' -> '.join(format(r['eval']['fid'] or float('nan'), '.4g') for r in evals)} "
+              f"(steps {', '.join(str(r['step']) for r in evals)}; best in checkpoints/best)")
     print(f"phantom MIP picture:    {out / 'phantoms' / f'mip_{ids[0]}.png'}")
     print(f"shards and manifest:    {cfg.data.root}")
     print(f"run directory:          {cfg.run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")

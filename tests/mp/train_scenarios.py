@@ -28,7 +28,7 @@ ENV = hdist.detect()
 
 def make_trainer(data: str, out: Path, variant: str = "sn", **sets) -> Trainer:
     overrides = [f"data.root={data}", f"output_root={out}", "train.log_every=1", "train.image_every=0",
-                 "train.checkpoint_every=1000", "data.verify=none"]
+                 "train.checkpoint_every=1000", "data.verify=none", "train.eval_every=0"]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return Trainer(load_config(variant, "smoke", overrides=overrides), ENV)
 
