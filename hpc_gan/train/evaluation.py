@@ -120,6 +120,7 @@ class TrainingEvaluation:
             self._real = features, stats, self.label_figures(self.real_set)
         return self._real
 
+    @torch.no_grad()
     def generate(self, generator: torch.nn.Module) -> Dataset:
         """This rank's share of the N fixed-latent patches (2, X, Y, Z) (image in [-1, 1], label
         binarised to {0, 1} as sampling writes it), as a dataset of length N."""
