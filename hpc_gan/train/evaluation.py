@@ -65,16 +65,14 @@ class TrainingEvaluation:
 
     def __init__(self, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int, run_dir: Path,
                  device: str | torch.device = "cpu") -> None:
-        from hpc_gan.models.resnet3d import build_extractor
-
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.every, self.n, self.batch = cfg.train.eval_every, cfg.train.eval_samples, cfg.train.batch_size
         self.threshold, self.split = cfg.model.label_threshold, cfg.data.split
         self.cache_dir = Path(run_dir) / CACHE_DIR
         count = min(self.n, len(dataset))
         self.real_set = Subset(dataset, pick(len(dataset), count, np.random.default_rng(EVAL_SEED)))
-        self.extractor, self.identity = build_extractor("medicalnet_resnet10", cfg.train.eval_weights or None,
-                                                        seed=EVAL_SEED)
+        self.weights = cfg.train.eval_weights or None
+        self.extractor = self.identity = None  # built at the first evaluation, which reports its time
         self.best_fid = best_fid(Path(run_dir) / "checkpoints")
         self._real = None
 
@@ -112,8 +110,11 @@ class TrainingEvaluation:
 
     def real(self):
         """Real features (N, D), FID statistics and per-patch (vessel fraction, contrast) (N, 2):
-        computed (or read from the cache) at the first call, kept after."""
+        computed (or read from the cache) at the first call, kept after; the extractor is built then."""
         if self._real is None:
+            from hpc_gan.models.resnet3d import build_extractor
+
+            self.extractor, self.identity = build_extractor("medicalnet_resnet10", self.weights, seed=EVAL_SEED)
             features, stats = embed_real(self.real_set, f"{self.split}-training", self.extractor, self.identity,
                                          str(self.cache_dir), self.rank, self.world_size, EVAL_SEED, self.batch, 0,
                                          self.device)
