@@ -267,7 +267,22 @@ def stop_signal(data, work) -> dict:
     return {"ranks": steps, "latest": ckpt.newest_complete(t.ckpt_root)}
 
 
-SCENARIOS = {"nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
+def evaluation(data, work) -> dict:
+    """6 steps, evaluation every 2 (9 samples at batch 4: rank 1's second generator pass is empty,
+    which ZeRO-3's collective forward must still run), keep 1 checkpoint: records, best, pruning."""
+    from hpc_gan.train import checkpoint as ckpt
+
+    t = make_trainer(data, work / "evaluation", train__max_steps=6, train__eval_every=2, train__eval_samples=9,
+                     train__batch_size=4, train__zero_stage_generator=3, train__keep_checkpoints=1)
+    t.fit()
+    out = {"best": ckpt.best_tag(t.ckpt_root), "complete": ckpt.complete_tags(t.ckpt_root)}
+    if ENV.rank == 0:
+        out["records"] = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+        out["consolidated"] = str(consolidate(t.run_dir, best=True))
+    return out
+
+
+SCENARIOS = {"evaluation": evaluation, "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
              "parity": parity}
 
 
