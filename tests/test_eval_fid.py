@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from helpers import torchrun
@@ -56,19 +57,64 @@ def test_frechet_distance_diagonal_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
+def nuclear_norm_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Another independent route for PSD inputs of any rank: Tr (σ1σ2)^½ = ‖σ1^½ σ2^½‖_* (sum of
+    singular values), with the roots from scipy's sqrtm of each covariance alone."""
+    with warnings.catch_warnings():  # sqrtm warns on singular input, and is accurate for a PSD one
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root1, root2 = (np.real(scipy.linalg.sqrtm(s)) for s in (sigma1, sigma2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.linalg.svd(root1 @ root2, compute_uv=False).sum())
+
+
+def sample_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
 @pytest.mark.unit
-def test_singular_covariances_use_eps_fallback(caplog):
+@pytest.mark.parametrize("scale", [1e-3, 1e-2, 1e-1, 1.0])
+def test_well_conditioned_matches_scipy_sqrtm(scale):
+    rng = np.random.default_rng(7)
+    (mu1, s1), (mu2, s2) = random_gaussian(rng, 16), random_gaussian(rng, 16)
+    mu1, s1, mu2, s2 = mu1 * scale, s1 * scale**2, mu2 * scale, s2 * scale**2
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    expected = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scale", [1e-3, 1e-2, 1e-1, 1.0])
+@pytest.mark.parametrize("n", [10, 32])
+def test_fewer_samples_than_features_is_exact(scale, n):
+    """N <= D (rank N-1 of 32): equal to ‖σ1^½σ2^½‖_*, and scale-free (no diagonal offset)."""
     rng = np.random.default_rng(2)
-    a, b = rng.normal(size=(10, 32)), rng.normal(1.0, 1.0, size=(10, 32))  # N < D: rank 9 of 32
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with caplog.at_level(logging.WARNING, logger="hpc_gan.eval.fid"):
-        value = frechet_distance(mu1, s1, mu2, s2, eps=1e-6)
-    assert np.isfinite(value)
-    assert "singular" in caplog.text
-    offset = 1e-6 * np.eye(32)
-    assert value == pytest.approx(reference_distance(mu1, s1 + offset, mu2, s2 + offset), rel=1e-6)
-    assert fid_from_features(a, b) == pytest.approx(value, rel=1e-8)  # eps=1e-6 amplifies rounding
+    a, b = rng.normal(size=(n, 32)) * scale, rng.normal(1.0, 1.5, size=(n, 32)) * scale
+    (mu1, s1), (mu2, s2) = sample_moments(a), sample_moments(b)
+    value = frechet_distance(mu1, s1, mu2, s2)
+    assert value == pytest.approx(nuclear_norm_distance(mu1, s1, mu2, s2), rel=1e-7)
+    unit = frechet_distance(mu1 / scale, s1 / scale**2, mu2 / scale, s2 / scale**2)
+    assert value == pytest.approx(unit * scale**2, rel=1e-9)          # d² scales as scale²
+    assert fid_from_features(a, b) == pytest.approx(value, rel=1e-9)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)  # identical singular: 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scale", [1e-3, 1e-2, 1e-1, 1.0])
+def test_always_zero_channels_are_exact(scale):
+    """Dead feature channels: the distance is that of the live channels alone (well-conditioned,
+    computed with sqrtm), whatever the features' scale."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(200, 12)) * scale, rng.normal(0.5, 2.0, size=(200, 12)) * scale
+    expected = fid_from_features(a, b)
+    (mu1, s1), (mu2, s2) = sample_moments(a), sample_moments(b)
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    assert expected == pytest.approx(float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean)), rel=1e-9)
+    dead = np.zeros((200, 20))
+    padded_a, padded_b = np.hstack([a, dead]), np.hstack([b, dead])
+    assert fid_from_features(padded_a, padded_b) == pytest.approx(expected, rel=1e-9)
+    (pm1, ps1), (pm2, ps2) = sample_moments(padded_a), sample_moments(padded_b)
+    assert frechet_distance(pm1, ps1, pm2, ps2) == pytest.approx(nuclear_norm_distance(pm1, ps1, pm2, ps2), rel=1e-7)
 
 
 @pytest.mark.unit
@@ -80,8 +126,10 @@ def test_frechet_distance_rejects_bad_input():
         frechet_distance(mu, sigma, mu, np.eye(5))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(mu, sigma, mu, np.full((4, 4), np.nan))
-    with pytest.raises(ValueError, match="imaginary"):  # not a covariance: σ1σ2 = -I has no real root
+    with pytest.raises(ValueError, match="sigma2 is not positive semi-definite"):  # not a covariance
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+    with pytest.raises(ValueError, match="sigma1 is not positive semi-definite"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
 
 
 @pytest.mark.unit

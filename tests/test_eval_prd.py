@@ -86,6 +86,45 @@ def test_mode_collapse_is_high_precision_low_recall_and_order_matters(mixture):
     assert swapped_f8 == pytest.approx(f1_8, abs=0.05) and swapped_f1_8 == pytest.approx(f8, abs=0.05)
 
 
+@pytest.fixture(scope="module")
+def balanced_modes():
+    """10 well-separated modes, exactly 60 real points in each; 'half' has 120 points in each of
+    modes 0-4 and none in 5-9 (so with the modes as clusters the histograms are exact)."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(10, D)) * 10
+
+    def sample(counts):
+        return np.concatenate([c + rng.normal(size=(k, D)) for c, k in zip(centres, counts)])
+
+    return sample([60] * 10), sample([60] * 10), sample([120] * 5 + [0] * 5)
+
+
+def test_known_answers_with_ten_clusters(balanced_modes):
+    """With the modes recovered in every run (best of 10 initialisations): identical distributions
+    give F_8 = F_1/8 = 1; covering half of the modes gives α(λ) = min(λ/2, 1), β = min(1/2, 1/λ),
+    whose best points are (p, r) = (1, 1/2): F_8 = 65·0.5/64.5 = 0.5039, F_1/8 = 0.9848."""
+    real, other_real, half = balanced_modes
+    f8, f1_8 = prd_to_max_f_beta_pair(*compute_prd_from_embedding(other_real, real, num_clusters=10))
+    assert f8 == pytest.approx(1.0, abs=1e-3) and f1_8 == pytest.approx(1.0, abs=1e-3)
+    f8, f1_8 = prd_to_max_f_beta_pair(*compute_prd_from_embedding(half, real, num_clusters=10))
+    assert f8 == pytest.approx(65 * 0.5 / 64.5, abs=2e-3)
+    assert f1_8 == pytest.approx((1 + 1 / 64) * 0.5 / (1 / 64 + 0.5), abs=2e-3)
+
+
+def test_kmeans_keeps_the_best_of_several_initialisations():
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(10, D)) * 10
+    data = np.concatenate([c + rng.normal(size=(30, D)) for c in centres])
+
+    def inertia(n_init):
+        found, labels = kmeans(data, 10, seed=0, n_init=n_init)
+        return ((data - found[labels]) ** 2).sum()
+
+    assert inertia(10) <= inertia(1) + 1e-9
+    assert inertia(10) == pytest.approx(sum(((data[i * 30:(i + 1) * 30] - data[i * 30:(i + 1) * 30].mean(0)) ** 2).sum()
+                                            for i in range(10)), rel=1e-9)   # the modes themselves
+
+
 def test_prd_is_deterministic_for_a_seed(mixture):
     real, collapsed = mixture
     first = compute_prd_from_embedding(collapsed, real, num_runs=2, seed=5)

@@ -1,4 +1,5 @@
-"""``hpc_gan evaluate``: FID, PRD, precision/recall, density/coverage, diversity, label realism.
+"""``hpc_gan evaluate``: FID, PRD, precision/recall, density/coverage, diversity, label realism,
+label–image agreement.
 
 Runs in one process, or distributed when started by torchrun / srun / mpiexec
 (``torchrun --nproc_per_node 2 -m hpc_gan.eval ...``): each rank embeds its share.
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel", choices=("image", "label"), default="image")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cache", help="directory caching real-data features and FID statistics "
-                                        "(keyed by manifest, extractor, split, N, seed, channel)")
+                                        "(keyed by manifest, extractor, split, N, seed, channel) and the "
+                                        "label–image agreement's reference segmenter")
+    parser.add_argument("--agreement-steps", type=int, default=300,
+                        help="training steps of the agreement's reference segmenter (default 300)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.samples, args.real, args.out, real_split=args.real_split, heldout_split=args.heldout_split,
                       n=args.n, seed=args.seed, extractor_name=args.extractor, weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
-                      batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache)
+                      batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache,
+                      agreement_steps=args.agreement_steps)
     if report is not None:
         fid = report["fid"]
         print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "

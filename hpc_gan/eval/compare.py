@@ -17,6 +17,9 @@ COLUMNS = (("FID", ("fid", "generated_vs_real")), ("FID baseline", ("fid", "held
            ("density", ("nearest_neighbours", "generated", "density")),
            ("coverage", ("nearest_neighbours", "generated", "coverage")),
            ("MS-SSIM", ("diversity_ms_ssim", "mean_pairwise_ms_ssim")),
+           ("agreement DSC", ("agreement", "segmenter_dice", "generated")),
+           ("DSC ratio", ("agreement", "segmenter_dice", "ratio")),
+           ("contrast ratio", ("agreement", "contrast", "ratio")),
            ("epsilon (DP)", ("privacy", "epsilon")))
 
 

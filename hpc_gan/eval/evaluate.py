@@ -14,6 +14,12 @@ Every rank embeds its share of each set; FID's sufficient statistics are all-red
 features are gathered for PRD, precision/recall and density/coverage; rank 0 computes the rest
 and writes ``report.json``, ``report.md``, ``prd.png``, ``label_stats.png`` and
 ``closest_pairs.png`` (the memorisation audit's closest generated/training pairs).
+
+Label–image agreement (:mod:`hpc_gan.eval.agreement`) runs on rank 0 alone, after the last
+collective (the other ranks have returned by then, so none waits on it): a reference U-Net
+trained on the real training split (cached in ``cache`` when given) scores up to
+``AGREEMENT_SAMPLES`` generated pairs and as many held-out real pairs (the training subset when
+there is no held-out split, which the report says).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from hpc_gan.errors import DataError
 
 log = logging.getLogger(__name__)
 MS_SSIM_SAMPLES = 32  # images held in memory for the diversity score
+AGREEMENT_SAMPLES = 256  # pairs per set scored for label–image agreement (a mean: ±0.01 at this N)
 
 
 @dataclass
@@ -121,11 +128,14 @@ def embed_real(subset: Subset, split: str, extractor, identity: dict, cache_dir:
 def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", heldout_split: str = "test",
              n: int | None = None, seed: int = 0, extractor_name: str = "medicalnet_resnet10",
              weights: str | None = None, weights_sha256: str | None = None, channel: int = 0, batch: int = 4,
-             rank: int = 0, world_size: int = 1, cache: str | None = None) -> dict | None:
+             rank: int = 0, world_size: int = 1, cache: str | None = None,
+             agreement_steps: int = 300) -> dict | None:
     """Compute every figure; rank 0 writes the report and returns it (other ranks return None).
 
     ``cache``: a directory where the real sets' features and FID statistics are kept, keyed by
-    the data manifest's digest, the extractor's SHA-256, the split, N, the seed and the channel.
+    the data manifest's digest, the extractor's SHA-256, the split, N, the seed and the channel;
+    and the agreement's reference segmenter, keyed by the manifest, split and training settings.
+    ``agreement_steps``: training steps of that segmenter.
 
     Raises:
         DataError: bad sample or real sets (see :func:`load_sets`).
@@ -159,6 +169,8 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     report["diversity_ms_ssim"] = diversity(sets.generated, seed)
     report["label_realism"] = label_figures(sets, Path(out))
     report["memorisation"] = memorisation
+    report["agreement"] = agreement(sets, real, real_split, heldout_split if held else None, cache, seed,
+                                    agreement_steps)
     from hpc_gan.privacy.audit import closest_pairs_png
 
     closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"], Path(out) / "closest_pairs.png")
@@ -203,15 +215,40 @@ def prd_figures(generated: np.ndarray, real: np.ndarray, heldout: np.ndarray | N
     return out
 
 
-def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | None, k: int = 3) -> dict:
-    from hpc_gan.eval.nn_metrics import precision_recall_density_coverage
+def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | None, k: int | None = None) -> dict:
+    """Precision/recall and density/coverage of generated (and held-out) vs real features, with the
+    k of the k-NN balls (default :data:`~hpc_gan.eval.nn_metrics.DEFAULT_K`, 5) stated in the result."""
+    from hpc_gan.eval.nn_metrics import DEFAULT_K, precision_recall_density_coverage
 
-    out = {}
+    k = DEFAULT_K if k is None else k
+    out: dict = {"k": k}
     for name, feats in (("generated", generated), ("heldout", heldout)):
         if feats is None or min(len(feats), len(real)) <= k:
             continue
         out[name] = {"k": k, **precision_recall_density_coverage(real, feats, k=k)}
     return out
+
+
+def agreement(sets: EvalSets, real: str, real_split: str, heldout_split: str | None, cache: str | None, seed: int,
+              steps: int) -> dict:
+    """Label–image agreement of the generated pairs against held-out real pairs (rank 0 only: no
+    collectives). Errors (e.g. fewer training patches than the segmenter's batch) are reported."""
+    from hpc_gan.eval.agreement import reference_segmenter, subset_figures, summarise
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    baseline = sets.heldout if heldout_split else sets.real
+    generated = Subset(sets.generated, list(range(min(len(sets.generated), AGREEMENT_SAMPLES))))
+    baseline = Subset(baseline, list(range(min(len(baseline), AGREEMENT_SAMPLES))))
+    try:  # e.g. fewer training patches than a batch, or a patch shape the U-Net cannot halve
+        segmenter, identity = reference_segmenter(real, real_split, cache_dir=cache, seed=seed, steps=steps,
+                                                  device=device)
+        figures = summarise(*subset_figures(generated, segmenter), *subset_figures(baseline, segmenter))
+    except (DataError, ValueError) as exc:
+        return {"error": str(exc)}
+    note = (f"held-out split {heldout_split}" if heldout_split else
+            f"no held-out split: the real {real_split} subset, on which the segmenter was trained (optimistic)")
+    return {**figures, "baseline": note, "n": {"generated": len(generated), "real": len(baseline)},
+            "segmenter": identity}
 
 
 def diversity(generated: Subset, seed: int) -> dict:
@@ -265,6 +302,27 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def agreement_markdown(figures: dict) -> list[str]:
+    """The report's label–image agreement section."""
+    lines = ["", "## Label–image agreement", "",
+             "Does each generated label mark its own image's vessels? Segmenter DSC: a reference 3D U-Net trained on "
+             "real training patches segments each image (threshold 0.5), scored against the patch's own label (mean "
+             "per-patch DSC; both empty = 1). Label contrast: mean image intensity inside the label minus outside "
+             "it, in [-1, 1] units (mean over patches with both). Ratio = generated / real.", ""]
+    if "error" in figures or not figures:
+        return lines + [f"Not computed: {figures.get('error', 'no figures')}"]
+    seg = figures["segmenter"]
+    lines += [f"Segmenter: U-Net channels {seg['channels']}, {seg['steps']} steps at batch {seg['batch']}, lr "
+              f"{seg['lr']}, seed {seg['seed']}, on {seg['n_patches']} real {seg['split']} patches (cache key "
+              f"{seg['key'][:16]}…{', from the cache' if seg['cached'] else ''}). Real baseline: {figures['baseline']} "
+              f"({figures['n']['real']} patches; {figures['n']['generated']} generated).", "",
+              "| figure | generated | real (baseline) | ratio |", "|---|---|---|---|"]
+    for name, key in (("segmenter DSC", "segmenter_dice"), ("label contrast", "contrast")):
+        row = figures[key]
+        lines.append(f"| {name} | {_fmt(row['generated'])} | {_fmt(row['real'])} | {_fmt(row['ratio'])} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """A person's view of report.json."""
     ident = report["extractor"]
@@ -288,9 +346,10 @@ def markdown(report: dict) -> str:
         gen, held = report["prd"].get(f"generated_{preset}", {}), report["prd"].get(f"heldout_{preset}", {})
         for key in ("F_8", "F_1/8", "auc"):
             lines.append(f"| PRD {preset} {key} | {_fmt(gen.get(key))} | {_fmt(held.get(key))} |")
-    gen_nn, held_nn = report["nearest_neighbours"].get("generated", {}), report["nearest_neighbours"].get("heldout", {})
+    nn = report["nearest_neighbours"]
+    gen_nn, held_nn = nn.get("generated", {}), nn.get("heldout", {})
     for key in ("precision", "recall", "density", "coverage"):
-        lines.append(f"| {key} (k=3) | {_fmt(gen_nn.get(key))} | {_fmt(held_nn.get(key))} |")
+        lines.append(f"| {key} (k={nn.get('k')}) | {_fmt(gen_nn.get(key))} | {_fmt(held_nn.get(key))} |")
     lines += ["", f"Diversity: mean pairwise 3D MS-SSIM among {report['diversity_ms_ssim']['samples']} generated "
               f"images = {_fmt(report['diversity_ms_ssim']['mean_pairwise_ms_ssim'])} (lower = more diverse).", "",
               "| label statistic | Wasserstein distance real↔generated | KS statistic |", "|---|---|---|"]
@@ -306,6 +365,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {space} | {_fmt(audit_space.get('fraction_below_heldout_p1'))} | "
                          f"{_fmt(audit_space.get('n_below'))} | {_fmt(audit_space.get('median_generated_to_train'))} | "
                          f"{_fmt(audit_space.get('median_heldout_to_train'))} |")
+    lines += agreement_markdown(report.get("agreement", {}))
     lines += ["", "Pictures: `prd.png` (PRD curves), `label_stats.png` (label histograms), `closest_pairs.png` "
               "(closest generated/training pairs)."]
     return "\n".join(lines) + "\n"

@@ -26,19 +26,16 @@ nothing for network features (|μ|/σ of order 1–100) but would for raw intens
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 
-log = logging.getLogger(__name__)
 
-# The imaginary part that sqrtm leaves on a product of PSD matrices is rounding noise; one this
-# large (relative to the root's largest entry) means the inputs were not covariance matrices.
-IMAGINARY_TOLERANCE = 1e-3
+# A covariance's eigenvalue this far below 0 (relative to its largest) is no rounding error: the
+# matrix is not a covariance. One-pass covariances of network features round at ~1e-12.
+NEGATIVE_TOLERANCE = 1e-6
 STATE_VERSION = 1
 
 
@@ -66,59 +63,82 @@ def feature_matrix(features: Any, name: str = "features") -> np.ndarray:
     return array
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), exact for singular covariances.
 
-    d² = ‖mu1 − mu2‖² + Tr(sigma1 + sigma2 − 2·(sigma1·sigma2)^½), in float64.
+    d² = ‖mu1 − mu2‖² + Tr(sigma1) + Tr(sigma2) − 2·Tr((sigma1·sigma2)^½)
 
-    When either covariance is numerically singular (fewer samples than features, dead feature
-    channels) or ``scipy.linalg.sqrtm`` returns non-finite values or a large imaginary part,
-    ``eps·I`` is added to both covariances and the distance of the regularised Gaussians is
-    returned (a warning is logged). Unlike pytorch-fid, the traces are taken of the regularised
-    covariances too, so the result is exactly a distance between two Gaussians.
+    (Dowson & Landau, J. Multivariate Anal. 12, 1982; used as FID by Heusel et al., NeurIPS
+    2017). The trace term is computed without a general matrix square root: with
+    S = sigma1^½ (from ``eigh``, negative rounding eigenvalues set to 0), sigma1·sigma2 is similar
+    to the symmetric PSD matrix S·sigma2·S, so Tr((sigma1·sigma2)^½) = Σ_i √λ_i(S·sigma2·S), again
+    by ``eigh``. This holds for any PSD covariances, singular ones included (fewer samples than
+    features, feature channels that are always zero): there is no diagonal offset, so the result
+    does not depend on the features' scale. Eigenvalues below D·ε·λ_max (rounding noise, ε the
+    float64 machine epsilon) count as 0. Cost: three D×D symmetric eigendecompositions.
 
     Args:
         mu1: ``(D,)`` mean of the first Gaussian (e.g. generated features).
         sigma1: ``(D, D)`` covariance of the first Gaussian.
         mu2: ``(D,)`` mean of the second Gaussian (e.g. real features).
         sigma2: ``(D, D)`` covariance of the second Gaussian.
-        eps: diagonal offset for the singular fallback.
 
     Returns:
         The squared Fréchet distance (FID when the features are a network's). Symmetric in the two
         Gaussians; 0 up to rounding (~1e-12·Tr sigma) for identical ones.
 
     Raises:
-        ValueError: shapes disagree (message names them), a value is not finite, ``eps <= 0``, or
-            the matrix square root keeps an imaginary part above 1e-3 (relative) after the
-            fallback — the covariances are then not symmetric positive semi-definite.
+        ValueError: shapes disagree (message names them), a value is not finite, or a covariance
+            has an eigenvalue below −1e-6·λ_max (it is then not positive semi-definite).
 
     Example:
         >>> import numpy as np
         >>> frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.ones(2), np.diag([4.0, 1.0]))
         4.0
+        >>> frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([4.0, 0.0]))  # singular
+        1.0
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     _check_gaussians(mu1, sigma1, mu2, sigma2)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-
-    covmean = None
-    if not (_numerically_singular(sigma1) or _numerically_singular(sigma2)):
-        covmean = _sqrtm_real(sigma1 @ sigma2)
-    if covmean is None:
-        log.warning("Fréchet distance: singular covariance product (D=%d); adding %g to the "
-                    "diagonal of both covariances", len(mu1), eps)
-        offset = eps * np.eye(len(mu1))
-        sigma1, sigma2 = sigma1 + offset, sigma2 + offset
-        covmean = _sqrtm_real(sigma1 @ sigma2)
-        if covmean is None:
-            raise ValueError("the matrix square root of sigma1·sigma2 has a large imaginary part even "
-                             f"with eps={eps} on the diagonal: are both covariances symmetric positive "
-                             "semi-definite?")
+    root1 = psd_sqrt(sigma1, "sigma1")
+    _clip_rounding(np.linalg.eigvalsh((sigma2 + sigma2.T) / 2.0), "sigma2")  # its check only
+    middle = root1 @ sigma2 @ root1                                      # (D, D), symmetric PSD
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_psd(middle))
+
+
+def psd_sqrt(sigma: np.ndarray, name: str = "sigma") -> np.ndarray:
+    """Symmetric square root of a positive semi-definite matrix (``eigh``; rounding negatives -> 0).
+
+    Args:
+        sigma: ``(D, D)`` float64 symmetric PSD matrix (e.g. a covariance).
+        name: what to call it in error messages.
+
+    Returns:
+        ``(D, D)`` float64 R with R = Rᵀ and R·R = sigma (to rounding).
+
+    Raises:
+        ValueError: an eigenvalue below −1e-6·λ_max: not positive semi-definite.
+    """
+    eigenvalues, vectors = np.linalg.eigh((sigma + sigma.T) / 2.0)
+    return (vectors * np.sqrt(_clip_rounding(eigenvalues, name))) @ vectors.T
+
+
+def _trace_sqrt_psd(matrix: np.ndarray) -> float:
+    """Tr(matrix^½) = Σ √λ_i for a symmetric PSD matrix."""
+    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2.0)
+    return float(np.sqrt(_clip_rounding(eigenvalues, "sigma1^½·sigma2·sigma1^½")).sum())
+
+
+def _clip_rounding(eigenvalues: np.ndarray, name: str) -> np.ndarray:
+    """Eigenvalues (ascending) with rounding noise (|λ| <= D·ε·λ_max) set to 0; raises on real negatives."""
+    largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
+    if eigenvalues[0] < -NEGATIVE_TOLERANCE * largest:
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues[0]:.3g} against a largest "
+                         f"of {largest:.3g}): pass covariance matrices")
+    noise = len(eigenvalues) * np.finfo(np.float64).eps * largest
+    return np.where(eigenvalues > noise, eigenvalues, 0.0)
 
 
 def _check_gaussians(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> None:
@@ -131,26 +151,6 @@ def _check_gaussians(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(value).all():
             raise ValueError(f"{name} holds NaN or infinite values")
-
-
-def _numerically_singular(sigma: np.ndarray) -> bool:
-    """Rank-deficient by NumPy's ``matrix_rank`` tolerance (D·ε·λ_max), on the symmetric part."""
-    eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2.0)
-    largest = max(abs(eigenvalues[0]), abs(eigenvalues[-1]))
-    return bool(eigenvalues[0] <= len(sigma) * np.finfo(np.float64).eps * largest)
-
-
-def _sqrtm_real(product: np.ndarray) -> np.ndarray | None:
-    """Real part of sqrtm(product), or None where it is not finite or not essentially real."""
-    root = scipy.linalg.sqrtm(product)
-    if not np.isfinite(root).all():
-        return None
-    if np.iscomplexobj(root):
-        scale = max(float(np.abs(root).max()), np.finfo(np.float64).tiny)
-        if float(np.abs(root.imag).max()) > IMAGINARY_TOLERANCE * scale:
-            return None
-        root = root.real
-    return root
 
 
 class FIDStatistics:
@@ -280,9 +280,9 @@ class FIDStatistics:
         sigma = (self.sum_outer - n * np.outer(mu, mu)) / (n - 1)
         return mu, (sigma + sigma.T) / 2.0
 
-    def fid(self, other: FIDStatistics, eps: float = 1e-6) -> float:
-        """:func:`frechet_distance` between these statistics and ``other``'s."""
-        return frechet_distance(*self.mean_cov(), *other.mean_cov(), eps=eps)
+    def fid(self, other: FIDStatistics) -> float:
+        """:func:`frechet_distance` between these statistics and ``other``'s (exact also when N <= D)."""
+        return frechet_distance(*self.mean_cov(), *other.mean_cov())
 
     # ---- persistence --------------------------------------------------------------------
 
@@ -349,13 +349,12 @@ class FIDStatistics:
                 raise ValueError(f"{path}: {err}") from None
 
 
-def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, eps: float = 1e-6) -> float:
+def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """FID between two in-memory feature sets (single process).
 
     Args:
         a: ``(N, D)`` features, e.g. of generated patches.
         b: ``(M, D)`` features, e.g. of real patches.
-        eps: diagonal offset for singular covariances (see :func:`frechet_distance`).
 
     Returns:
         The Fréchet distance of the two sets' Gaussians.
@@ -366,4 +365,4 @@ def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor
     first, second = FIDStatistics(), FIDStatistics()
     first.update(a)
     second.update(b)
-    return first.fid(second, eps=eps)
+    return first.fid(second)

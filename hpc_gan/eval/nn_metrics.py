@@ -34,16 +34,20 @@ import torch
 from hpc_gan.eval.fid import feature_matrix
 
 CHUNK_SIZE = 1024
+# Naeem et al. (2020) recommend k = 5 for density and coverage (Kynkäänniemi et al. 2019 used 3);
+# one k for all four metrics keeps them one pass over the distances and their rows comparable.
+DEFAULT_K = 5
 
 
-def precision_recall_density_coverage(real: Any, fake: Any, k: int = 3,
+def precision_recall_density_coverage(real: Any, fake: Any, k: int = DEFAULT_K,
                                       chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
     """All four nearest-neighbour metrics from one pass over the real–generated distances.
 
     Args:
         real: ``(N, D)`` real features (array or tensor).
         fake: ``(M, D)`` generated features.
-        k: the neighbour whose distance is a point's ball radius (k ≥ 1; the papers use 3 and 5).
+        k: the neighbour whose distance is a point's ball radius (k ≥ 1; default 5, Naeem et al.'s
+            choice; Kynkäänniemi et al. used 3).
         chunk_size: rows and columns of one distance block.
 
     Returns:
@@ -80,7 +84,7 @@ def precision_recall_density_coverage(real: Any, fake: Any, k: int = 3,
     }
 
 
-def precision_recall(real: Any, fake: Any, k: int = 3, chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
+def precision_recall(real: Any, fake: Any, k: int = DEFAULT_K, chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019).
 
     Args:
@@ -106,7 +110,7 @@ def precision_recall(real: Any, fake: Any, k: int = 3, chunk_size: int = CHUNK_S
     return {"precision": scores["precision"], "recall": scores["recall"]}
 
 
-def density_coverage(real: Any, fake: Any, k: int = 3, chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
+def density_coverage(real: Any, fake: Any, k: int = DEFAULT_K, chunk_size: int = CHUNK_SIZE) -> dict[str, float]:
     """Density and coverage (Naeem et al. 2020), from the real points' k-NN balls.
 
     Args:

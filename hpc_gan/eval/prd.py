@@ -42,6 +42,7 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "reference": (20, 1001, 10),  # Sajjadi et al.'s defaults
     "paper": (10, 1001, 10),      # Subramaniam et al. 2022
 }
+KMEANS_INITS = 10  # k-means initialisations per run, best kept (Sajjadi et al.'s n_init=10)
 
 
 def compute_prd(eval_dist: Any, ref_dist: Any, num_angles: int = 1001,
@@ -97,59 +98,35 @@ def _histogram(values: Any, name: str) -> np.ndarray:
 
 
 def kmeans(data: np.ndarray, num_clusters: int, seed: int = 0,
-           max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ seeding, deterministic for a given ``seed``.
+           n_init: int = KMEANS_INITS) -> tuple[np.ndarray, np.ndarray]:
+    """k-means clustering, the best (lowest inertia) of ``n_init`` k-means++ initialisations.
 
-    An emptied cluster keeps its previous centre. Stops when no assignment changes.
+    scikit-learn's full-batch :class:`sklearn.cluster.KMeans` (Lloyd). Sajjadi et al.'s reference
+    code runs ``MiniBatchKMeans(n_clusters, n_init=10)``, a speed-up for the 20 000+ Inception
+    embeddings of 2D image benchmarks; the sets here are a few thousand 512-d vectors, for which
+    full-batch Lloyd costs well under a second per clustering on two cores and has no mini-batch
+    sampling noise, so the same best-of-10 search finds the same or a lower-inertia clustering.
 
     Args:
         data: ``(N, D)`` float64 points, ``N >= num_clusters``.
         num_clusters: ``K``.
-        seed: seed of the k-means++ initialisation.
-        max_iter: maximum Lloyd iterations.
+        seed: ``random_state`` of the initialisations (deterministic for a given seed).
+        n_init: initialisations tried; the best is kept (the reference uses 10).
 
     Returns:
         ``(centres, labels)``: ``(K, D)`` float64 and ``(N,)`` int64 in ``[0, K)``.
 
     Raises:
-        ValueError: fewer points than clusters, or ``num_clusters < 1``.
+        ValueError: fewer points than clusters, ``num_clusters < 1`` or ``n_init < 1``.
     """
+    from sklearn.cluster import KMeans
+
     if num_clusters < 1 or len(data) < num_clusters:
         raise ValueError(f"k-means needs 1 <= num_clusters <= N, got num_clusters={num_clusters}, N={len(data)}")
-    rng = np.random.default_rng(seed)
-    sq_norms = np.einsum("nd,nd->n", data, data)                  # (N,)
-    centres = _kmeans_plus_plus(data, sq_norms, num_clusters, rng)
-    labels = np.full(len(data), -1)
-    for _ in range(max_iter):
-        new_labels = _sq_distances(data, sq_norms, centres).argmin(axis=1)
-        if np.array_equal(new_labels, labels):
-            break
-        labels = new_labels
-        counts = np.bincount(labels, minlength=num_clusters)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, data)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]
-    return centres, labels
-
-
-def _sq_distances(data: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """(N, K) squared Euclidean distances, clipped at 0 against rounding."""
-    d2 = sq_norms[:, None] - 2.0 * data @ centres.T + np.einsum("kd,kd->k", centres, centres)[None, :]
-    return np.maximum(d2, 0.0)
-
-
-def _kmeans_plus_plus(data: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Arthur & Vassilvitskii 2007: each next centre drawn with probability ∝ D(x)²."""
-    centres = np.empty((k, data.shape[1]))
-    centres[0] = data[rng.integers(len(data))]
-    closest = _sq_distances(data, sq_norms, centres[:1])[:, 0]    # (N,)
-    for i in range(1, k):
-        total = closest.sum()
-        index = rng.choice(len(data), p=closest / total) if total > 0 else rng.integers(len(data))
-        centres[i] = data[index]
-        closest = np.minimum(closest, _sq_distances(data, sq_norms, centres[i:i + 1])[:, 0])
-    return centres
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    model = KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed).fit(data)
+    return model.cluster_centers_.astype(np.float64), model.labels_.astype(np.int64)
 
 
 def compute_prd_from_embedding(eval_data: Any, ref_data: Any, num_clusters: int = 20, num_angles: int = 1001,
@@ -157,8 +134,8 @@ def compute_prd_from_embedding(eval_data: Any, ref_data: Any, num_clusters: int 
                                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """PRD curve of two feature sets, averaged over several k-means clusterings.
 
-    Each run clusters the union of both sets into ``num_clusters`` clusters (k-means++ seeded
-    with ``seed + run``), histograms each set over the clusters and calls :func:`compute_prd`;
+    Each run clusters the union of both sets into ``num_clusters`` clusters (:func:`kmeans`: the
+    best of 10 k-means++ initialisations, ``random_state = seed + run``), histograms each set over the clusters and calls :func:`compute_prd`;
     precision and recall are averaged over the runs.
 
     Convention: ``eval_data`` are the GENERATED features, ``ref_data`` the REAL ones. Swapping

@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -91,23 +92,52 @@ def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :1], (batch[:, 1:2] > 0.5).float()
 
 
-def train_unet(dataset, val_set, args, rank: int, world: int):
-    """Data-parallel U-Net training with early stopping; returns the best model (all ranks)."""
-    from hpc_gan.data.dataset import PatchLoader
-    from hpc_gan.models.unet import UNet3d, soft_dice_loss
+def soft_dice_steps(net: torch.nn.Module, dataset, steps: int, *, batch: int, lr: float, seed: int, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+    """Train a segmenter of image -> label with Adam on the soft Dice loss, one step per item yielded.
 
-    torch.manual_seed(args.seed)
-    model = UNet3d(in_channels=1, out_channels=1, channels=tuple(args.channels), dropout=0.1)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    batches = iter(PatchLoader(dataset, args.batch, rank, world, args.seed))
-    best, best_state, since_best = float("inf"), None, 0
-    for step in range(1, args.steps + 1):
-        image, label = split_batch(next(batches))
+    Shared by the TSTR U-Nets and the label–image agreement's reference segmenter
+    (:mod:`hpc_gan.eval.agreement`). Batches come from a :class:`~hpc_gan.data.dataset.PatchLoader`
+    seeded with ``seed`` (this rank's share), moved to the device of ``net``'s parameters.
+
+    Args:
+        net: ``(B, 1, X, Y, Z)`` image -> ``(B, 1, X, Y, Z)`` probability model (a DDP wrapper is fine).
+        dataset: items ``(2, X, Y, Z)``: image in [-1, 1], label in {0, 1}.
+        steps: optimiser steps; the caller may stop earlier.
+        batch: patches per step on this rank.
+        lr: Adam learning rate.
+        seed: the loader's shuffling seed.
+        rank: this rank; world: number of ranks.
+
+    Yields:
+        ``(step, loss)`` after each step, step counting from 1, loss the step's soft-Dice tensor.
+    """
+    from hpc_gan.data.dataset import PatchLoader
+    from hpc_gan.models.unet import soft_dice_loss
+
+    device = next(net.parameters()).device
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    batches = iter(PatchLoader(dataset, batch, rank, world, seed))
+    net.train()
+    for step in range(1, steps + 1):
+        image, label = split_batch(next(batches).to(device))
         loss = soft_dice_loss(net(image), label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        yield step, loss.detach()
+
+
+def train_unet(dataset, val_set, args, rank: int, world: int):
+    """Data-parallel U-Net training with early stopping; returns the best model (all ranks)."""
+    from hpc_gan.models.unet import UNet3d
+
+    torch.manual_seed(args.seed)
+    model = UNet3d(in_channels=1, out_channels=1, channels=tuple(args.channels), dropout=0.1)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    best, best_state, since_best = float("inf"), None, 0
+    for step, loss in soft_dice_steps(net, dataset, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                      rank=rank, world=world):
         if step % args.val_every == 0 or step == args.steps:
             val = validation_loss(model, val_set, args.batch)
             if val < best - 1e-4:
