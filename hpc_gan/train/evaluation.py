@@ -13,8 +13,10 @@ the evaluator's own functions (:mod:`hpc_gan.eval.evaluate`, :mod:`hpc_gan.eval.
   (:func:`hpc_gan.eval.evaluate.embed_real`); a resumed run reads them back.
 * figures: FID from all-reduced sufficient statistics, precision / recall / density / coverage
   (k = :data:`NN_K`) on gathered features, the KS statistic between real and generated
-  per-patch vessel fractions, and the label contrast (:func:`hpc_gan.eval.agreement.label_contrast`,
-  mean over patches) of the generated pairs beside that of the real ones.
+  per-patch vessel fractions, and the label contrast of the generated pairs beside that of the
+  real ones: :func:`hpc_gan.eval.agreement.label_contrast` of the whole set, i.e. the mean of
+  the gathered :func:`~hpc_gan.eval.agreement.per_patch_contrast` over patches that have both
+  vessel and background voxels.
 
 Every rank computes its share; rank 0 computes the figures and broadcasts them, so every rank
 returns the same dict and takes the same checkpoint decision. Under ZeRO-3 every rank runs the
@@ -37,11 +39,12 @@ from hpc_gan.config import RunConfig
 from hpc_gan.data.dataset import RankShare
 from hpc_gan.eval.evaluate import embed, embed_real, pick
 from hpc_gan.eval.features import gather_features
+from hpc_gan.eval.nn_metrics import DEFAULT_K
 from hpc_gan.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 0       # latents, real subset, random extractor and MedicalNet noise: fixed across runs
-NN_K = 5            # neighbour of the precision/recall balls
+NN_K = DEFAULT_K    # neighbour of the precision/recall balls (5), as the evaluator's
 CACHE_DIR = "eval_cache"
 FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction_ks", "contrast", "contrast_real")
 
@@ -146,7 +149,7 @@ class TrainingEvaluation:
 
     def label_figures(self, patches: Dataset) -> np.ndarray:
         """(N, 2) per-patch vessel fraction and label contrast, gathered in index order (collective)."""
-        from hpc_gan.eval.agreement import label_contrast
+        from hpc_gan.eval.agreement import per_patch_contrast
         from hpc_gan.eval.label_stats import vessel_fractions
 
         indices = self._share(len(patches))
@@ -154,7 +157,7 @@ class TrainingEvaluation:
         for row, i in enumerate(indices):
             patch = torch.as_tensor(patches[int(i)])                    # (2, X, Y, Z)
             image, label = patch[:1].float().numpy(), patch[1:].numpy() > 0.5  # (1, X, Y, Z)
-            rows[row] = vessel_fractions(label)[0], label_contrast(image, label)
+            rows[row] = vessel_fractions(label)[0], per_patch_contrast(image, label)[0]
         return gather_features(rows, indices, self.world_size)
 
     def _share(self, n: int) -> np.ndarray:
