@@ -130,6 +130,11 @@ class TrainConfig:
         256, "Evaluation during training: generated patches (fixed latents) and real training patches "
         "(a fixed subset, at most all of them) compared.", min=6
     )
+    eval_segmenter: bool = opt(
+        False, "Evaluation during training also scores label-image agreement with a reference segmenter "
+        "(a small 3D U-Net trained once per run on the real training split at the first evaluation, cached in "
+        "<run>/eval_cache/): mean DSC of its prediction on each generated image against the generated label."
+    )
     eval_weights: str = opt(
         "", "Evaluation during training: MedicalNet ResNet-10 weights for the features; empty = the seeded "
         "random extractor (figures comparable within and across runs, not with published FIDs)."

@@ -65,10 +65,11 @@ def test_figures_of_identical_sets():
     feats = rng.normal(size=(20, 8))
     stats = FIDStatistics()
     stats.update(feats)
-    labels = np.stack([rng.uniform(0, 0.2, 20), rng.uniform(0.5, 1.0, 20)], axis=1)  # (N, 2)
+    labels = np.stack([rng.uniform(0, 0.2, 20), rng.uniform(0.5, 1.0, 20), np.full(20, np.nan)], axis=1)  # (N, 3)
     out = figures(feats, stats, labels, feats, stats, labels)
     assert abs(out["fid"]) < 1e-6 and out["precision"] == 1.0 and out["recall"] == 1.0
     assert out["vessel_fraction_ks"] == 0.0 and out["contrast"] == pytest.approx(out["contrast_real"])
+    assert out["dice"] is None  # no segmenter (train.eval_segmenter=false)
     labels[:, 1] = np.nan  # no patch with both vessel and background
     assert figures(feats, stats, labels, feats, stats, labels)["contrast"] is None
 
@@ -85,17 +86,21 @@ def test_eval_record_and_line():
 def test_evaluation_is_deterministic_and_uses_the_cache(smoke_shards, tmp_path):
     from hpc_gan.data.dataset import ShardedPatchDataset
 
-    cfg = load_config("sn", "smoke", overrides=[f"data.root={smoke_shards}", "train.eval_samples=8"])
+    cfg = load_config("sn", "smoke", overrides=[f"data.root={smoke_shards}", "train.eval_samples=8",
+                                                "train.eval_segmenter=true"])
     dataset = ShardedPatchDataset(smoke_shards, "train", verify="none")
     torch.manual_seed(0)
     generator = Generator(cfg.model.latent_dim, cfg.model.ngf, cfg.model.patch_shape)
     first = TrainingEvaluation(cfg, dataset, 0, 1, tmp_path).run(generator)
     assert list((tmp_path / "eval_cache").glob("*.npz"))  # the real statistics, kept for the next process
+    assert list((tmp_path / "eval_cache").glob("segmenter-*.pt"))  # and the reference segmenter
     again = TrainingEvaluation(cfg, dataset, 0, 1, tmp_path).run(generator)
     assert generator.training  # the loop keeps training after an evaluation
-    for key in ("fid", "precision", "recall", "coverage", "vessel_fraction_ks", "contrast", "contrast_real"):
+    for key in ("fid", "precision", "recall", "coverage", "vessel_fraction_ks", "contrast", "contrast_real", "dice",
+                "dice_real"):
         assert first[key] == pytest.approx(again[key], rel=1e-9, abs=1e-12), key
     assert first["n"] == 8 and first["n_real"] == 8 and first["fid"] > 0
+    assert 0.0 <= first["dice"] <= 1.0 and 0.0 <= first["dice_real"] <= 1.0
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

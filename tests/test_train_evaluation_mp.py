@@ -14,7 +14,8 @@ from helpers import torchrun
 pytestmark = pytest.mark.multiprocess
 SCRIPT = str(Path(__file__).parent / "mp" / "eval_ranks.py")
 TRAIN_SCRIPT = str(Path(__file__).parent / "mp" / "train_scenarios.py")
-FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction_ks", "contrast", "contrast_real")
+FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction_ks", "contrast", "contrast_real",
+           "dice", "dice_real")
 
 
 def _evaluate(smoke_shards, work: Path, nproc: int) -> dict:
@@ -33,7 +34,7 @@ def test_two_ranks_equal_one_rank(smoke_shards, tmp_path):
         for key in FIGURES:
             assert first[key] == pytest.approx(cached[key], rel=1e-9, abs=1e-12), key
     a, b = one["results"][0], two["results"][0]
-    assert a["n"] == b["n"] == 7 and a["fid"] > 0 and a["contrast"] is not None
+    assert a["n"] == b["n"] == 7 and a["fid"] > 0 and a["contrast_real"] is not None and a["dice"] is not None
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-5)  # batched convolutions round differently
     for key in FIGURES[1:]:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

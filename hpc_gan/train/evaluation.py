@@ -16,7 +16,10 @@ the evaluator's own functions (:mod:`hpc_gan.eval.evaluate`, :mod:`hpc_gan.eval.
   per-patch vessel fractions, and the label contrast of the generated pairs beside that of the
   real ones: :func:`hpc_gan.eval.agreement.label_contrast` of the whole set, i.e. the mean of
   the gathered :func:`~hpc_gan.eval.agreement.per_patch_contrast` over patches that have both
-  vessel and background voxels.
+  vessel and background voxels. With ``train.eval_segmenter`` also the segmenter DSC
+  (:func:`hpc_gan.eval.agreement.per_patch_dice`, mean over patches) of a reference segmenter
+  trained on the real training split at the first evaluation (rank 0 trains and caches it in
+  ``eval_cache/``, the other ranks then read it), beside the same DSC on the real patches.
 
 Every rank computes its share; rank 0 computes the figures and broadcasts them, so every rank
 returns the same dict and takes the same checkpoint decision. Under ZeRO-3 every rank runs the
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 0       # latents, real subset, random extractor and MedicalNet noise: fixed across runs
 NN_K = DEFAULT_K    # neighbour of the precision/recall balls (5), as the evaluator's
 CACHE_DIR = "eval_cache"
-FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction_ks", "contrast", "contrast_real")
+FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction_ks", "contrast", "contrast_real",
+           "dice", "dice_real")
 
 
 class TrainingEvaluation:
@@ -75,6 +79,8 @@ class TrainingEvaluation:
         count = min(self.n, len(dataset))
         self.real_set = Subset(dataset, pick(len(dataset), count, np.random.default_rng(EVAL_SEED)))
         self.weights = cfg.train.eval_weights or None
+        self.with_segmenter, self.data_root = cfg.train.eval_segmenter, cfg.data.root
+        self.segmenter = None
         self.extractor = self.identity = None  # built at the first evaluation, which reports its time
         self.best_fid = best_fid(Path(run_dir) / "checkpoints")
         self._real = None
@@ -118,11 +124,27 @@ class TrainingEvaluation:
             from hpc_gan.models.resnet3d import build_extractor
 
             self.extractor, self.identity = build_extractor("medicalnet_resnet10", self.weights, seed=EVAL_SEED)
+            if self.with_segmenter:
+                self.segmenter = self._reference_segmenter()
             features, stats = embed_real(self.real_set, f"{self.split}-training", self.extractor, self.identity,
                                          str(self.cache_dir), self.rank, self.world_size, EVAL_SEED, self.batch, 0,
                                          self.device)
             self._real = features, stats, self.label_figures(self.real_set)
         return self._real
+
+    def _reference_segmenter(self) -> torch.nn.Module:
+        """Rank 0 trains (or reads) the cached reference segmenter first; the others then read it."""
+        from hpc_gan.eval.agreement import reference_segmenter
+
+        for turn in (0, 1):
+            if (self.rank == 0) == (turn == 0):
+                with torch.enable_grad():  # run() is under no_grad; training the segmenter is not
+                    model, identity = reference_segmenter(self.data_root, self.split, cache_dir=str(self.cache_dir),
+                                                          seed=EVAL_SEED, device=self.device)
+            if self.world_size > 1 and dist.is_initialized():
+                dist.barrier()
+        log.info("reference segmenter %s (%s)", identity["key"][:12], "cached" if identity["cached"] else "trained")
+        return model
 
     @torch.no_grad()
     def generate(self, generator: torch.nn.Module) -> Dataset:
@@ -148,16 +170,19 @@ class TrainingEvaluation:
         return _Share(self.n, items)
 
     def label_figures(self, patches: Dataset) -> np.ndarray:
-        """(N, 2) per-patch vessel fraction and label contrast, gathered in index order (collective)."""
-        from hpc_gan.eval.agreement import per_patch_contrast
+        """(N, 3) per-patch vessel fraction, label contrast and segmenter DSC (NaN without a
+        segmenter), gathered in index order (collective)."""
+        from hpc_gan.eval.agreement import per_patch_contrast, per_patch_dice
         from hpc_gan.eval.label_stats import vessel_fractions
 
         indices = self._share(len(patches))
-        rows = np.zeros((len(indices), 2))
+        rows = np.full((len(indices), 3), np.nan)
         for row, i in enumerate(indices):
             patch = torch.as_tensor(patches[int(i)])                    # (2, X, Y, Z)
             image, label = patch[:1].float().numpy(), patch[1:].numpy() > 0.5  # (1, X, Y, Z)
-            rows[row] = vessel_fractions(label)[0], per_patch_contrast(image, label)[0]
+            rows[row, :2] = vessel_fractions(label)[0], per_patch_contrast(image, label)[0]
+            if self.segmenter is not None:
+                rows[row, 2] = per_patch_dice(self.segmenter, image, label)[0]
         return gather_features(rows, indices, self.world_size)
 
     def _share(self, n: int) -> np.ndarray:
@@ -180,7 +205,7 @@ class _Share(Dataset):
 
 def figures(real_features, real_stats, real_labels, gen_features, gen_stats, gen_labels) -> dict:
     """The figures of one evaluation from both sets' features, FID statistics and per-patch
-    (vessel fraction, contrast) rows; a figure that cannot be computed is None."""
+    (vessel fraction, contrast, DSC) rows; a figure that cannot be computed is None."""
     from hpc_gan.eval.label_stats import compare_distributions
     from hpc_gan.eval.nn_metrics import precision_recall_density_coverage
 
@@ -192,8 +217,9 @@ def figures(real_features, real_stats, real_labels, gen_features, gen_stats, gen
     if min(len(real_features), len(gen_features)) > NN_K and np.isfinite(gen_features).all():
         out.update(precision_recall_density_coverage(real_features, gen_features, k=NN_K))
     out["vessel_fraction_ks"] = compare_distributions(real_labels[:, 0], gen_labels[:, 0])["ks"]
-    for key, rows in (("contrast", gen_labels), ("contrast_real", real_labels)):
-        finite = rows[:, 1][np.isfinite(rows[:, 1])]  # patches whose label has vessel and background
+    for key, rows, column in (("contrast", gen_labels, 1), ("contrast_real", real_labels, 1),
+                              ("dice", gen_labels, 2), ("dice_real", real_labels, 2)):
+        finite = rows[:, column][np.isfinite(rows[:, column])]  # contrast: labels with vessel and background
         out[key] = float(finite.mean()) if len(finite) else None
     return {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in out.items()}
 

@@ -29,7 +29,8 @@ def main(data: str, work: str, report: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     # 7 samples: shares of 4 and 3 on 2 ranks, with batch 2 an uneven number of batches per rank
-    cfg = load_config("sn", "smoke", overrides=[f"data.root={data}", "train.eval_samples=7", "train.batch_size=2"])
+    cfg = load_config("sn", "smoke", overrides=[f"data.root={data}", "train.eval_samples=7", "train.batch_size=2",
+                                                "train.eval_segmenter=true"])
     dataset = ShardedPatchDataset(data, "train", verify="none")
     torch.manual_seed(0)
     generator = Generator(cfg.model.latent_dim, cfg.model.ngf, cfg.model.patch_shape)
