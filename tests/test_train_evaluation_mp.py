@@ -5,6 +5,7 @@ short DeepSpeed run (ZeRO-3 generator) writes evaluation records and a best poin
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ FIGURES = ("fid", "precision", "recall", "density", "coverage", "vessel_fraction
            "dice", "dice_real")
 
 
-def _evaluate(smoke_shards, work: Path, nproc: int) -> dict:
-    work.mkdir()
+def _evaluate(smoke_shards, work: Path, nproc: int, segmenters: Path | None = None) -> dict:
+    (work / "eval_cache").mkdir(parents=True)
+    for segmenter in segmenters.glob("segmenter-*.pt") if segmenters else ():  # trained once (seconds)
+        shutil.copy(segmenter, work / "eval_cache")
     done = torchrun(SCRIPT, str(smoke_shards), str(work), str(work / "report.json"), nproc=nproc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads((work / "report.json").read_text())
@@ -27,7 +30,7 @@ def _evaluate(smoke_shards, work: Path, nproc: int) -> dict:
 
 def test_two_ranks_equal_one_rank(smoke_shards, tmp_path):
     one = _evaluate(smoke_shards, tmp_path / "one", 1)
-    two = _evaluate(smoke_shards, tmp_path / "two", 2)
+    two = _evaluate(smoke_shards, tmp_path / "two", 2, segmenters=tmp_path / "one" / "eval_cache")
     assert two["world_size"] == 2 and two["same_on_every_rank"]
     for report in (one, two):
         first, cached = report["results"]

@@ -26,7 +26,7 @@ from hpc_gan.train.evaluation import TrainingEvaluation
 
 def main(data: str, work: str, report: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     # 7 samples: shares of 4 and 3 on 2 ranks, with batch 2 an uneven number of batches per rank
     cfg = load_config("sn", "smoke", overrides=[f"data.root={data}", "train.eval_samples=7", "train.batch_size=2",
