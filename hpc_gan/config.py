@@ -140,6 +140,20 @@ class TrainConfig:
         "random extractor (figures comparable within and across runs, not with published FIDs)."
     )
     num_workers: int = opt(2, "DataLoader worker processes per rank.", min=0)
+    ema_decay: float = opt(
+        0.0, "Keep an exponential moving average of the generator's weights with this decay (e.g. 0.999; "
+        "must be < 1); checkpoints and the consolidated file carry it and `hpc_gan sample` uses it unless --raw. "
+        "0 = off (the paper's recipe).", min=0.0
+    )
+    ema_warmup: bool = opt(
+        False, "Ramp the EMA decay up at the start (StyleGAN): min(ema_decay, (1 + t) / (10 + t)) after t "
+        "generator steps, so the random initial weights are forgotten quickly."
+    )
+
+    def validate(self) -> None:
+        if self.ema_decay >= 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay!r} is out of range: must be < 1 (1 would never "
+                              "move the average); use e.g. 0.999, or 0 to turn the EMA off")
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """``make demo``: the main job end to end on the embedded default, on this machine's CPU.
 
-Phantom TOF-MRA volumes -> sharded HDF5 patches (smoke-profile patch size) -> the ``sn``
-variant's smoke profile trained on 2 local ranks (gloo, fp32) -> consolidated
-generator -> 64 samples -> evaluation report (FID, PRD, precision/recall, label realism) ->
-downstream test (a small U-Net trained on real and on generated patches, DSC/bAVD on real volumes). Training is submitted like a user would (``launch/submit.py --cluster local``:
-submitit's local executor). Everything goes to ``demo_out/`` and is replaced on every run.
+Phantom TOF-MRA volumes -> sharded HDF5 patches (32x32x16) -> the ``sn`` variant with the
+``learn`` profile (what a small CPU model needs to learn, see configs/profiles/learn.yaml)
+trained on 2 local ranks (gloo, fp32) -> consolidated generator (EMA weights) -> 100 samples ->
+evaluation report (FID against the held-out baseline, PRD, precision/recall, label realism,
+label-image agreement) -> downstream test (a small U-Net trained on real and on generated
+patches, DSC/bAVD on real volumes). Training is submitted like a user would
+(``launch/submit.py --cluster local``: submitit's local executor). Everything goes to
+``demo_out/`` and is replaced on every run.
 """
 
 from __future__ import annotations
@@ -24,29 +27,31 @@ from hpc_gan.data.phantom import write_phantom_dataset
 from hpc_gan.errors import HpcGanError
 
 log = logging.getLogger("hpc_gan.demo")
+DEMO_VARIANT, DEMO_PROFILE = "sn", "learn"
+DEMO_STEPS = 3000  # the learn profile's curve (docs/BENCHMARKS.md): vessels with their labels by then, ~6 min
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="output directory (replaced)")
-    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--subjects", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=2, help="training processes")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--samples", type=int, default=64, help="patches generated for the evaluation")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    parser.add_argument("--samples", type=int, default=100, help="patches generated for the evaluation")
     return parser.parse_args(argv)
 
 
 def demo_overrides(out: Path, steps: int) -> list[str]:
-    """The demo's changes to the sn variant's smoke profile (the same for the config and the job)."""
+    """The demo's changes to the variant's profile (the same for the config and the job)."""
     return [f"data.root={out / 'shards'}", f"output_root={out / 'runs'}", "name=demo", f"train.max_steps={steps}",
-            "train.log_every=50", "train.checkpoint_every=100", "data.verify=full"]
+            "train.log_every=250", f"train.checkpoint_every={max(steps // 3, 1)}", "data.verify=full"]
 
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     overrides = demo_overrides(out, args.steps)
-    cfg = load_config("sn", profile="smoke", overrides=overrides)
+    cfg = load_config(DEMO_VARIANT, profile=DEMO_PROFILE, overrides=overrides)
     started = time.perf_counter()
     ids = make_data(args, cfg, out)
     train(cfg, args.ranks, overrides)
@@ -57,15 +62,25 @@ def run(args: argparse.Namespace) -> None:
 
 
 def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
-    log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", args.subjects)
-    ids = write_phantom_dataset(out / "phantoms", args.subjects, seed=0, workers=args.workers, overwrite=True)
-    log.info("2/7 packing %s patches into shards", "x".join(map(str, cfg.model.patch_shape)))
-    subjects = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
+    make_phantom_shards(out, args.subjects, cfg.model.patch_shape, args.workers, shards=cfg.data.root)
+    return sorted(p.name.split(".")[0] for p in (out / "phantoms/images").glob("*.nii.gz"))
+
+
+def make_phantom_shards(out: Path, subjects: int, patch_shape, workers: int = 2, shards: Path | None = None) -> Path:
+    """Phantom volumes (96x96x48 voxels of 0.5x0.5x0.8 mm, seed 0) in ``out/phantoms`` packed
+    into ``shards`` (default ``out/shards``): 75/12.5/12.5 % of subjects for train/val/test,
+    50 patches per subject (a 3x3x2 grid and 32 vessel-centred). Shared by the demo and
+    ``bench/convergence.py``. Returns the shard directory."""
+    shards = Path(shards or out / "shards")
+    log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", subjects)
+    ids = write_phantom_dataset(out / "phantoms", subjects, seed=0, workers=workers, overwrite=True)
+    log.info("2/7 packing %s patches into shards", "x".join(map(str, patch_shape)))
+    found = packing.match_subjects(out / "phantoms/images", out / "phantoms/labels", out / "phantoms/masks")
     splits = packing.assign_splits(ids, (0.75, 0.125, 0.125), seed=0)
-    manifest = packing.pack(subjects, splits, cfg.data.root, SamplingPlan(cfg.model.patch_shape, (3, 3, 2), 32, 0),
-                            workers=args.workers, overwrite=True, progress=False)
+    manifest = packing.pack(found, splits, shards, SamplingPlan(patch_shape, (3, 3, 2), 32, 0),
+                            workers=workers, overwrite=True, progress=False)
     print(summary(manifest), flush=True)
-    return ids
+    return shards
 
 
 def train(cfg, ranks: int, overrides: list[str]) -> None:
@@ -122,11 +137,12 @@ def downstream_test(cfg, out: Path) -> Path:
 
 def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, tstr_dir: Path,
                   seconds: float) -> None:
-    from hpc_gan.train.metrics import is_eval
-
-    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    training, evals = [r for r in records if not is_eval(r)], [r for r in records if is_eval(r)]
-    first, last = training[0], training[-1]
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss_critic" in r]
+    evals = [r for r in map(json.loads, lines) if "eval" in r]
+    first, last = records[0], records[-1]
+    report = json.loads((report_dir / "report.json").read_text())
+    print(outcome(report))
     print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
           f"{first['wasserstein']:.3f} -> {last['wasserstein']:.3f} over {last['step']} steps")
     if evals:
@@ -140,6 +156,28 @@ def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_d
     print(f"evaluation report:      {report_dir / 'report.md'} (prd.png, label_stats.png)")
     print(f"downstream U-Net test:  {tstr_dir / 'table.md'} (scores.csv, boxplots.png, error_map_*.png)")
     print(f"demo finished in {seconds:.0f} s")
+
+
+def outcome(report: dict) -> str:
+    """What the demo learned, in three lines: FID against the real-vs-real baseline at the same N,
+    nearest-neighbour precision/recall, and label-image agreement against held-out real patches."""
+    fid, held = report["fid"]["generated_vs_real"], report["fid"]["heldout_vs_real"]
+    nn = report["nearest_neighbours"].get("generated", {})
+    lines = [f"FID {fid:.4g} against the held-out baseline {held:.4g} ({fid / held:.1f}x; same N, random extractor)"
+             if held else f"FID {fid:.4g} (no held-out split: no baseline)",
+             f"precision {nn.get('precision', float('nan')):.2f}, recall {nn.get('recall', float('nan')):.2f}, "
+             f"coverage {nn.get('coverage', float('nan')):.2f} (k={nn.get('k')})"]
+    agreement = report.get("agreement") or {}
+    dice, contrast = agreement.get("segmenter_dice", {}), agreement.get("contrast", {})
+    if dice:
+        lines.append(f"label-image agreement: segmenter DSC {_num(dice.get('generated'))} on generated pairs vs "
+                     f"{_num(dice.get('real'))} on held-out real ({_num(dice.get('ratio'))}x); label contrast "
+                     f"{_num(contrast.get('generated'))} vs {_num(contrast.get('real'))}")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

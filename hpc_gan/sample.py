@@ -2,8 +2,9 @@
 
 What a sampling run writes into its output directory::
 
-    samples.json              provenance: generator file and SHA-256, variant, step, n, seed,
-                              threshold, format, spacing and where the spacing came from
+    samples.json              provenance: generator file and SHA-256, variant, step, weights
+                              ("ema" or "raw") and the EMA's decay, n, seed, threshold, format,
+                              spacing and where the spacing came from
     montage.png               mid-axial slice (z = Z // 2) of up to 16 samples, image beside label
     mip.png                   axial maximum-intensity projection of sample 0: image beside label
     # --format nifti
@@ -27,6 +28,10 @@ Voxel spacing: generated patches have no scanner geometry; they are written with
 the data the generator was trained on, read from the manifest of the run config's ``data.root``.
 When that dataset is not reachable from here, a fallback spacing is used (default
 (0.5, 0.5, 0.8) mm); ``samples.json`` says which.
+
+Weights: a run trained with ``train.ema_decay > 0`` consolidates both its trained weights and
+their moving average (EMA); sampling uses the average unless ``raw`` (``--raw``) asks for the
+trained ones. ``samples.json`` (and an HDF5 output's manifest) record which were used.
 """
 
 from __future__ import annotations
@@ -443,7 +448,7 @@ def _clear_previous(out: Path) -> None:
 def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.PathLike, fmt: str = "nifti",
                    seed: int = 0, threshold: float | None = None, batch: int = 8,
                    spacing: tuple[float, float, float] = DEFAULT_SPACING, overwrite: bool = False,
-                   device: str = "cpu", variant: str | None = None, progress: bool = False) -> dict:
+                   device: str = "cpu", variant: str | None = None, progress: bool = False, raw: bool = False) -> dict:
     """Load a consolidated generator and write ``n`` samples, the pictures and ``samples.json``.
 
     Args:
@@ -459,6 +464,7 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
         device: where the generator runs.
         variant: if given, the file must hold this variant.
         progress: show a progress bar.
+        raw: use the trained weights even when the file holds their moving average (EMA).
 
     Returns:
         The ``samples.json`` record plus ``out``, ``montage`` and ``mip`` paths.
@@ -475,17 +481,18 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
     if fmt not in FORMATS:
         raise SampleError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     out = prepare_output(out, overwrite)
-    generator, meta = load_generator(generator_path, variant)
+    generator, meta = load_generator(generator_path, variant, raw=raw)
     threshold_source = "--threshold" if threshold is not None else "config model.label_threshold"
     threshold = default_threshold(meta) if threshold is None else float(threshold)
     _check_threshold(threshold)
     voxel, spacing_info = training_spacing(meta, spacing)
-    log.info("sampling %d patches of variant %s (step %s), seed %d, threshold %g, %s -> %s",
-             n, meta["variant"], meta["step"], seed, threshold, fmt, out)
+    log.info("sampling %d patches of variant %s (step %s, %s weights), seed %d, threshold %g, %s -> %s",
+             n, meta["variant"], meta["step"], meta["weights"], seed, threshold, fmt, out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     record = {"generator": str(generator_path), "generator_sha256": file_sha256(generator_path),
-              "variant": meta["variant"], "step": meta["step"], "n": n, "seed": seed,
+              "variant": meta["variant"], "step": meta["step"], "weights": meta["weights"],
+              "ema_decay": meta["ema"]["decay"] if meta["ema"] else None, "n": n, "seed": seed,
               "latents": "sample i: torch.Generator seeded by np.random.SeedSequence([seed, i])",
               "threshold": threshold, "threshold_source": threshold_source, "format": fmt,
               "spacing": [float(s) for s in voxel], "spacing_source": spacing_info,
@@ -497,8 +504,8 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
     if fmt == "nifti":
         write_nifti(keep, out, voxel, threshold)
     else:
-        sampling = {k: record[k] for k in ("generator", "generator_sha256", "variant", "step", "seed", "n",
-                                           "threshold", "privacy")}
+        sampling = {k: record[k] for k in ("generator", "generator_sha256", "variant", "step", "weights", "seed",
+                                           "n", "threshold", "privacy")}
         sampling["sha256"] = sampling.pop("generator_sha256")
         write_hdf5(keep, out, voxel, threshold, sampling)
     keep.save(out, threshold, voxel)

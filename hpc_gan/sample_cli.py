@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel size in mm used only when the training manifest (config data.root) "
                              "cannot be read here; default 0.5,0.5,0.8")
     parser.add_argument("--variant", help="refuse a file of another variant")
+    parser.add_argument("--raw", action="store_true",
+                        help="use the trained weights, not their moving average (EMA), when the run kept one")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous sampling run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -34,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     done = sample_to_disk(args.consolidated, args.n, args.out, args.format, args.seed, args.threshold, args.batch,
-                          args.spacing, args.overwrite, device, args.variant, progress=not args.no_progress)
+                          args.spacing, args.overwrite, device, args.variant, progress=not args.no_progress,
+                          raw=args.raw)
     spacing = "x".join(f"{s:g}" for s in done["spacing"])
-    print(f"{done['n']} {done['variant']} samples (step {done['step']}, seed {done['seed']}, "
+    weights = f"EMA weights, decay {done['ema_decay']:g}" if done["weights"] == "ema" else "raw weights"
+    print(f"{done['n']} {done['variant']} samples (step {done['step']}, {weights}, seed {done['seed']}, "
           f"threshold {done['threshold']:g}, {spacing} mm from {done['spacing_source']['source']}) "
           f"as {done['format']} in {done['out']}")
     print(f"pictures: {done['montage']}  {done['mip']}")

@@ -11,6 +11,8 @@ from helpers import assert_one_line_error, torchrun
 from hpc_gan.cli import main
 from hpc_gan.eval.evaluate import evaluate
 
+AGREEMENT_STEPS = 40  # the reference segmenter's training: enough for the tiny subjects' bright vessels
+
 
 @pytest.fixture(scope="module")
 def same_as_real(packed, tmp_path_factory):
@@ -23,7 +25,7 @@ def same_as_real(packed, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(same_as_real, packed, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return evaluate(str(same_as_real), str(packed), str(out), seed=0), out
+    return evaluate(str(same_as_real), str(packed), str(out), seed=0, agreement_steps=AGREEMENT_STEPS), out
 
 
 @pytest.mark.unit
@@ -41,6 +43,27 @@ def test_identical_sets_score_as_identical(report):
     # the "generated" set is the training set: the audit must flag every patch as a copy
     assert result["memorisation"]["voxel"]["fraction_below_heldout_p1"] == 1.0
     assert result["memorisation"]["feature"]["fraction_below_heldout_p1"] == 1.0
+    assert result["nearest_neighbours"]["k"] == 5
+
+
+@pytest.mark.unit
+def test_agreement_of_real_pairs_matches_the_baseline(report):
+    result, out = report
+    agreement = result["agreement"]
+    assert agreement["baseline"] == "held-out split test" and agreement["n"] == {"generated": 40, "real": 10}
+    assert agreement["segmenter"]["steps"] == AGREEMENT_STEPS and agreement["segmenter"]["split"] == "train"
+    assert len(agreement["segmenter"]["key"]) == 64 and agreement["segmenter"]["cached"] is False
+    # the "generated" pairs are real training pairs: they agree as well as held-out real pairs do
+    assert agreement["contrast"]["generated"] > 0.5
+    assert agreement["contrast"]["ratio"] == pytest.approx(1.0, abs=0.2)
+    # per-patch DSC is 0 on a label-free patch where the segmenter marks a few noise voxels: with 10
+    # held-out patches, how many of those a set holds moves the ratio (the tubes test pins it down)
+    assert agreement["segmenter_dice"]["real"] > 0.5
+    assert 0.5 < agreement["segmenter_dice"]["ratio"] < 1.5
+    text = (out / "report.md").read_text()
+    assert "## Label–image agreement" in text and "| segmenter DSC |" in text and "| precision (k=5) |" in text
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["agreement"]["segmenter"]["key"] == agreement["segmenter"]["key"]
 
 
 @pytest.mark.unit
@@ -63,6 +86,7 @@ def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
     assert main(["compare", str(out), str(other), "--plot", str(tmp_path / "prd_all.png")]) == 0
     text = capsys.readouterr().out
     assert f"| {out.name} |" in text and "| gp |" in text and "FID baseline" in text and "epsilon (DP)" in text
+    assert "agreement DSC" in text and "DSC ratio" in text and "contrast ratio" in text
     assert (tmp_path / "prd_all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,11 +128,15 @@ def test_two_ranks_give_the_single_process_report(report, same_as_real, packed, 
 def test_real_features_are_cached(same_as_real, packed, tmp_path, monkeypatch, report):
     from hpc_gan.eval import evaluate as evaluation
 
-    first = evaluate(str(same_as_real), str(packed), str(tmp_path / "a"), cache=str(tmp_path / "cache"))
+    first = evaluate(str(same_as_real), str(packed), str(tmp_path / "a"), cache=str(tmp_path / "cache"),
+                     agreement_steps=AGREEMENT_STEPS)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2          # real train and held-out sets
     calls = []
     real_embed = evaluation.embed
     monkeypatch.setattr(evaluation, "embed", lambda *a, **k: calls.append(1) or real_embed(*a, **k))
-    second = evaluate(str(same_as_real), str(packed), str(tmp_path / "b"), cache=str(tmp_path / "cache"))
+    second = evaluate(str(same_as_real), str(packed), str(tmp_path / "b"), cache=str(tmp_path / "cache"),
+                      agreement_steps=AGREEMENT_STEPS)
     assert len(calls) == 1                                            # only the generated set is embedded
     assert second["fid"] == first["fid"] == report[0]["fid"]
+    assert second["agreement"]["segmenter"]["cached"] is True         # the reference segmenter too
+    assert second["agreement"]["segmenter_dice"] == first["agreement"]["segmenter_dice"]

@@ -1,5 +1,5 @@
 """The two-engine trainer on 2 ranks (gloo, CPU, smoke profile): ZeRO x precision, exact resume,
-spectral-norm sync, parity with plain PyTorch, consolidation.
+spectral-norm sync, parity with plain PyTorch, consolidation, generator EMA.
 
 All scenarios run in one torchrun launch (tests/mp/train_scenarios.py): importing DeepSpeed in
 two processes on two cores costs more than the training itself.
@@ -111,3 +111,22 @@ def test_stop_signal_on_one_rank_stops_all_at_one_step_with_a_checkpoint(report)
     assert ranks[0] == ranks[1] and ranks[0][1] is True   # same step, both know they must requeue
     assert report["stop_signal"]["latest"] == f"step-{ranks[0][0]:08d}"
     assert ranks[0][0] < 20
+
+
+@pytest.fixture(scope="module")
+def ema_report(smoke_shards, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("train_mp_ema")
+    done = torchrun(SCRIPT, str(smoke_shards), str(work), "ema")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads((work / "report.json").read_text())["ema"]
+
+
+def test_generator_ema_same_on_every_rank_exact_on_resume_and_consolidated(ema_report):
+    assert ema_report["steps"] == [5, 5, 5]
+    assert ema_report["rank_spread"] == {"zero1": 0.0, "zero1_resumed": 0.0, "zero3": 0.0}
+    assert [row[0] for row in ema_report["split"]] == [1, 2, 3, 4, 5, 6]
+    assert ema_report["split"] == ema_report["straight"]
+    assert ema_report["resume_max_diff"] == 0.0                    # bit-identical in fp32
+    assert ema_report["zero3_vs_zero1"] < 1e-5
+    assert ema_report["ema_vs_raw"] > 1e-6                          # an average, not the raw weights
+    assert ema_report["consolidated_weights"] == "ema" and ema_report["consolidated_max_diff"] == 0.0

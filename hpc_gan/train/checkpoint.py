@@ -7,6 +7,8 @@ Layout of ``<run_dir>/checkpoints/``::
         critic/             same for the critic engine
         rank-00000.pt ...   each rank's RNG states (Python, NumPy, torch, the trainer's generator)
         generator_buffers.pt  BatchNorm running statistics averaged over ranks (rank 0)
+        generator_ema.pt    the generator's moving average when train.ema_decay > 0 (rank 0;
+                            hpc_gan.train.ema: fp32 parameters, a copy of the averaged statistics)
         dp_state.pt         instead of generator/ and critic/ for the dp variant (rank 0): both
                             networks, both Adam states, the noise RNG, the critic step count
         state.json          step, epoch, data cursor, variant, resolved config, manifest hash, world size
@@ -36,6 +38,7 @@ LATEST = "latest"
 BEST = "best"
 STATE = "state.json"
 BUFFERS = "generator_buffers.pt"
+EMA = "generator_ema.pt"
 DP_STATE = "dp_state.pt"
 _TAG = re.compile(r"^step-(\d{8})$")
 
@@ -107,6 +110,15 @@ def set_rng_state(state: dict, generator) -> None:
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

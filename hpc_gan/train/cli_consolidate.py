@@ -22,5 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = consolidate(args.run_dir, args.tag, args.out, best=args.best)
     _, meta = load_generator(path)
-    print(f"consolidated {meta['variant']} generator at step {meta['step']}: {path}")
+    ema = meta["ema"]
+    extra = f" (raw weights and their EMA, decay {ema['decay']:g})" if ema else ""
+    print(f"consolidated {meta['variant']} generator at step {meta['step']}{extra}: {path}")
     return 0

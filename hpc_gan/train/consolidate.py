@@ -7,12 +7,17 @@ The file ``<run_dir>/consolidated/generator-<tag>.pt`` is a plain dict (loads wi
      "model": {"latent_dim": 128, "ngf": 1024, "patch_shape": [128, 128, 64], "out_channels": 2},
      "config": {...resolved run config...}, "manifest_sha256": "...",
      "privacy": None or {"epsilon": ..., "delta": ..., "noise_multiplier": ..., ...},  # dp variant
-     "state_dict": {name: fp32 tensor, ...}}
+     "state_dict": {name: fp32 tensor, ...},
+     "ema": None or {"decay": 0.999, "warmup": False, "step": 19999,     # train.ema_decay > 0
+                     "state_dict": {name: fp32 tensor, ...}}}
 
 ``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition (the dp
 variant's trainer writes them whole, no shards) plus the BatchNorm running statistics (averaged
-over ranks when the checkpoint was written). A ``.sha256`` file beside it holds its SHA-256,
-checked on load.
+over ranks when the checkpoint was written). ``ema.state_dict`` has the same keys: the moving
+average of the weights (:mod:`hpc_gan.train.ema`, from the checkpoint's ``generator_ema.pt``)
+with a copy of those same BatchNorm statistics. :func:`load_generator` (and so ``hpc_gan
+sample``) uses the average when the file has one, the raw weights when asked. A ``.sha256``
+file beside it holds its SHA-256, checked on load.
 """
 
 from __future__ import annotations
@@ -70,15 +75,29 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
                "model": {"latent_dim": cfg.model.latent_dim, "ngf": cfg.model.ngf,
                          "patch_shape": list(cfg.model.patch_shape), "out_channels": 2},
                "config": state["config"], "manifest_sha256": state.get("manifest_sha256", ""),
-               "privacy": state.get("privacy"),
-               "state_dict": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+               "privacy": state.get("privacy"), "state_dict": _fp32(weights), "ema": _ema(where)}
     out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    ckpt.save_atomic(payload, out)
     ckpt.write_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
     return out
+
+
+def _fp32(weights: dict) -> dict:
+    return {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def _ema(where: Path) -> dict | None:
+    """The checkpoint's generator EMA as the consolidated file stores it, or None (trained without)."""
+    path = where / ckpt.EMA
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or damaged
+        raise CheckpointError(f"cannot read '{path}' ({exc.__class__.__name__}); pick another --tag") from None
+    return {"decay": saved["decay"], "warmup": saved["warmup"], "step": saved["step"],
+            "state_dict": _fp32(saved["params"] | saved["buffers"])}
 
 
 def _generator_weights(where: Path, state: dict) -> dict:
@@ -98,16 +117,19 @@ def _generator_weights(where: Path, state: dict) -> dict:
         raise CheckpointError(f"cannot gather the ZeRO shards of '{where}' ({exc.__class__.__name__}: {exc})") from None
 
 
-def load_generator(path: str | os.PathLike, variant: str | None = None, verify: bool = True) -> tuple[Generator, dict]:
+def load_generator(path: str | os.PathLike, variant: str | None = None, verify: bool = True,
+                   raw: bool = False) -> tuple[Generator, dict]:
     """Rebuild the generator of a consolidated file (eval mode, fp32, CPU).
 
     Args:
         path: a file written by :func:`consolidate`.
         variant: if given, the file must be of this variant.
         verify: compare the file's SHA-256 with its ``.sha256`` sidecar when one exists.
+        raw: load the trained weights even when the file holds their moving average (EMA).
 
     Returns:
-        (generator, metadata without the weights).
+        (generator, metadata without the weights); ``metadata["weights"]`` is ``"ema"`` or
+        ``"raw"``, ``metadata["ema"]`` the EMA's decay, warm-up and step (None without EMA).
 
     Raises:
         CheckpointError: missing, truncated or foreign file, checksum mismatch, other variant.
@@ -129,10 +151,14 @@ def load_generator(path: str | os.PathLike, variant: str | None = None, verify: 
         raise CheckpointError(f"'{path}' holds variant '{payload['variant']}', not '{variant}'")
     model = payload["model"]
     generator = Generator(model["latent_dim"], model["ngf"], tuple(model["patch_shape"]), model["out_channels"])
+    ema = payload.get("ema")
+    weights = "raw" if raw or not ema else "ema"
     try:
-        generator.load_state_dict(payload["state_dict"])
+        generator.load_state_dict(ema["state_dict"] if weights == "ema" else payload["state_dict"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"'{path}' does not fit the generator it describes ({first})") from None
     generator.eval()
-    return generator, {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "ema")}
+    meta["ema"] = {k: v for k, v in ema.items() if k != "state_dict"} if ema else None
+    return generator, meta | {"weights": weights}

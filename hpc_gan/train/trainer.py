@@ -2,7 +2,8 @@
 
 Every rank runs the same code; rank 0 alone writes metrics, the resolved config and the
 COMPLETE markers. Everything that must survive a restart (both engines, the data cursor, each
-rank's RNG states, the step) is saved together under one tag by :meth:`TrainingLoop.save`.
+rank's RNG states, the step, the generator EMA when ``train.ema_decay`` > 0) is saved together
+under one tag by :meth:`TrainingLoop.save`.
 :class:`TrainingLoop` is what the DeepSpeed :class:`Trainer` shares with the DP-SGD trainer
 (:class:`hpc_gan.privacy.dp_trainer.DPTrainer`): the loop, metrics, stop requests, checkpoints.
 """
@@ -24,6 +25,7 @@ from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
+from hpc_gan.train import ema as gen_ema
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.evaluation import TrainingEvaluation
 from hpc_gan.train.metrics import MetricsLogger
@@ -67,6 +69,7 @@ class TrainingLoop:
         # Latents and penalty weights differ per rank (different samples) but are reproducible.
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + env.rank)
         self._batches = None
+        self.ema: gen_ema.GeneratorEMA | None = None  # set by resume() when train.ema_decay > 0
 
     # ------------------------------------------------------------------ what subclasses supply
 
@@ -129,6 +132,8 @@ class TrainingLoop:
             while self.step < self.total_steps:
                 t = self.cfg.train
                 result = self.iteration()
+                if self.ema is not None:
+                    self.ema.update(self.generator_module, self.step)
                 self.step += 1
                 bad_run = 0 if result.finite else bad_run + 1
                 self.nonfinite_steps += not result.finite
@@ -176,7 +181,12 @@ class TrainingLoop:
               + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
 
     def evaluation_module(self) -> torch.nn.Module:
-        """The generator that evaluation during training measures (a generator EMA plugs in here)."""
+        """The generator that previews and evaluation during training use: the EMA average (with
+        the live generator's BatchNorm statistics) when the run keeps one, as `hpc_gan sample`
+        does; else the trained generator itself."""
+        if self.ema is not None:
+            return gen_ema.averaged_generator(self.ema, lambda: build_generator(self.cfg.model), self.generator_module,
+                                              self.device)
         return self.generator_module
 
     def _evaluate(self, evaluation: TrainingEvaluation, metrics: MetricsLogger) -> tuple[dict, bool]:
@@ -191,7 +201,7 @@ class TrainingLoop:
     @torch.no_grad()
     def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """n patches (n, 2, X, Y, Z) from the generator in eval mode (BatchNorm running statistics)."""
-        module = self.generator_module
+        module = self.evaluation_module()
         module.eval()
         try:
             z = module.sample_latent(n, generator=rng, device=self.device, dtype=next(module.parameters()).dtype)
@@ -244,8 +254,12 @@ class TrainingLoop:
         self._save_networks(where)
         where.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.rng_state(self.rng), where / ckpt.rank_file(self.env.rank))
+        if self.ema is not None:
+            self.ema.copy_buffers_from(self.generator_module)  # the rank average, as in BUFFERS
         if self.env.rank == 0:
             torch.save(self._buffers(), where / ckpt.BUFFERS)
+            if self.ema is not None:
+                ckpt.save_atomic(self.ema.state_dict(), where / ckpt.EMA)
             state = {"step": self.step, "epoch": self.epoch, "variant": self.cfg.variant,
                      "world_size": self.env.world_size, "precision": self.precision,
                      "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
@@ -264,6 +278,7 @@ class TrainingLoop:
         """Load the newest COMPLETE checkpoint, if any; returns its tag."""
         tag = ckpt.newest_complete(self.ckpt_root)
         if tag is None:
+            self.ema = gen_ema.for_run(self.cfg.train.ema_decay, self.cfg.train.ema_warmup, self.generator_module)
             return None
         where = self.ckpt_root / tag
         state = ckpt.read_state(where)
@@ -271,6 +286,8 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {where} was written by {state['world_size']} ranks, this job has "
                                   f"{self.env.world_size}; resume with the same number of ranks")
         self._load_networks(where, state)
+        self.ema = gen_ema.for_run(self.cfg.train.ema_decay, self.cfg.train.ema_warmup, self.generator_module,
+                                   where / ckpt.EMA)
         ckpt.set_rng_state(torch.load(where / ckpt.rank_file(self.env.rank), weights_only=False), self.rng)
         self.step = int(state["step"])
         if self.env.rank == 0:

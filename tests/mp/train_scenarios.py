@@ -282,7 +282,57 @@ def evaluation(data, work) -> dict:
     return out
 
 
-SCENARIOS = {"evaluation": evaluation, "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
+def _ema_flat(t: Trainer) -> torch.Tensor:
+    return torch.cat([t.ema.params[n].flatten().cpu() for n in sorted(t.ema.params)])
+
+
+def _gathered_by_name(t: Trainer) -> torch.Tensor:
+    """The raw generator weights in _ema_flat's order (ZeRO-3: gathered)."""
+    import deepspeed
+
+    named = dict(t.generator.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(named.values())):
+        return torch.cat([named[n].detach().float().flatten().cpu() for n in sorted(named)])
+
+
+def _rank_spread(flat: torch.Tensor) -> float:
+    """Largest difference between this tensor on any rank and on rank 0."""
+    gathered = [torch.empty_like(flat) for _ in range(ENV.world_size)]
+    dist.all_gather(gathered, flat.contiguous())
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+def ema(data, work) -> dict:
+    """Generator EMA on 2 ranks: the same on every rank (ZeRO 1 and 3), resumed bit-identically,
+    ZeRO-3 agreeing with ZeRO-1, consolidated as it was trained."""
+    sets = {"train__ema_decay": 0.9, "train__ema_warmup": "true"}
+    straight = make_trainer(data, work / "ema_straight", train__max_steps=6, **sets)
+    straight.fit()
+    make_trainer(data, work / "ema_split", train__max_steps=3, **sets).fit()
+    torch.manual_seed(999)  # disturb the global RNG: resume must restore it
+    split = make_trainer(data, work / "ema_split", train__max_steps=6, **sets)
+    split.fit()
+    zero3 = make_trainer(data, work / "ema_zero3", train__max_steps=6, train__zero_stage_generator=3, **sets)
+    zero3.fit()
+    result = {"straight": losses(straight.run_dir), "split": losses(split.run_dir),
+              "rank_spread": {name: _rank_spread(_ema_flat(t)) for name, t in
+                              (("zero1", straight), ("zero1_resumed", split), ("zero3", zero3))},
+              "resume_max_diff": float((_ema_flat(straight) - _ema_flat(split)).abs().max()),
+              "zero3_vs_zero1": float((_ema_flat(straight) - _ema_flat(zero3)).abs().max()),
+              "ema_vs_raw": float((_ema_flat(zero3) - _gathered_by_name(zero3)).abs().max()),
+              "steps": [straight.ema.step, split.ema.step, zero3.ema.step]}
+    if ENV.rank == 0:
+        path = consolidate(zero3.run_dir)
+        loaded, meta = load_generator(path, variant="sn")
+        result["consolidated_max_diff"] = max(float((p - zero3.ema.params[n].cpu()).abs().max())
+                                              for n, p in loaded.named_parameters())
+        result["consolidated_weights"] = meta["weights"]
+    dist.barrier()
+    return result
+
+
+SCENARIOS = {"ema": ema, "evaluation": evaluation,
+             "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
              "parity": parity}
 
 
