@@ -269,11 +269,13 @@ def stop_signal(data, work) -> dict:
 
 def evaluation(data, work) -> dict:
     """6 steps, evaluation every 2 (9 samples at batch 4: rank 1's second generator pass is empty,
-    which ZeRO-3's collective forward must still run), keep 1 checkpoint: records, best, pruning."""
+    which ZeRO-3's collective forward must still run), keep 1 checkpoint: records, best, pruning;
+    with a generator EMA, which is what gets evaluated."""
     from hpc_gan.train import checkpoint as ckpt
 
     t = make_trainer(data, work / "evaluation", train__max_steps=6, train__eval_every=2, train__eval_samples=9,
-                     train__batch_size=4, train__zero_stage_generator=3, train__keep_checkpoints=1)
+                     train__batch_size=4, train__zero_stage_generator=3, train__keep_checkpoints=1,
+                     train__ema_decay=0.9)
     t.fit()
     out = {"best": ckpt.best_tag(t.ckpt_root), "complete": ckpt.complete_tags(t.ckpt_root)}
     if ENV.rank == 0:
