@@ -126,8 +126,8 @@ def fixed_latents(generator: Generator, indices: Iterable[int], seed: int, devic
     Sample ``i``'s latent depends on (seed, i) alone, so any subset of a sample set (one rank's
     share, a batch) is drawn exactly as in the whole set.
     """
-    return torch.cat([generator.sample_latent(1, torch.Generator().manual_seed(sample_seed(seed, i)), device, dtype=dtype)
-                      for i in indices])
+    return torch.cat([generator.sample_latent(1, torch.Generator().manual_seed(sample_seed(seed, i)), device,
+                                              dtype=dtype) for i in indices])
 
 
 def _check_request(n: int, seed: int, batch: int) -> None:

@@ -74,7 +74,8 @@ def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: i
     if heldout_split in real_ds.manifest.splits() and real_ds.manifest.count(heldout_split):
         held = ShardedPatchDataset(real, heldout_split, verify="size")
         heldout = Subset(held, pick(len(held), min(count, len(held)), rng))
-    return EvalSets(generated=Subset(generated, list(range(count))), real=Subset(real_ds, pick(len(real_ds), count, rng)),
+    return EvalSets(generated=Subset(generated, list(range(count))),
+                    real=Subset(real_ds, pick(len(real_ds), count, rng)),
                     heldout=heldout, spacing=real_ds.manifest.spacing)
 
 
