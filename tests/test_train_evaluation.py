@@ -91,7 +91,9 @@ def test_evaluation_is_deterministic_and_uses_the_cache(smoke_shards, tmp_path):
     dataset = ShardedPatchDataset(smoke_shards, "train", verify="none")
     torch.manual_seed(0)
     generator = Generator(cfg.model.latent_dim, cfg.model.ngf, cfg.model.patch_shape)
+    state = torch.get_rng_state()
     first = TrainingEvaluation(cfg, dataset, 0, 1, tmp_path).run(generator)
+    assert torch.equal(torch.get_rng_state(), state)  # training's global RNG untouched
     assert list((tmp_path / "eval_cache").glob("*.npz"))  # the real statistics, kept for the next process
     assert list((tmp_path / "eval_cache").glob("segmenter-*.pt"))  # and the reference segmenter
     again = TrainingEvaluation(cfg, dataset, 0, 1, tmp_path).run(generator)

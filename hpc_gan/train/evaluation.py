@@ -102,13 +102,16 @@ class TrainingEvaluation:
         """Evaluate ``generator`` (collective); the same figures on every rank, e.g.
         ``{"fid": 41.2, "precision": 0.6, "recall": 0.5, "density": 0.8, "coverage": 0.7,
         "vessel_fraction_ks": 0.2, "contrast": 0.4, "contrast_real": 0.9, "n": 256, "n_real": 256,
-        "seconds": 3.1}`` (a figure that cannot be computed is None)."""
+        "seconds": 3.1}`` (a figure that cannot be computed is None). The global RNG states are
+        left as they were (DataLoader draws a base seed from torch's), so training continues as
+        it would have without the evaluation."""
         started = time.perf_counter()
-        real_features, real_stats, real_labels = self.real()
-        generated = self.generate(generator)
-        gen_features, gen_stats = embed(generated, self.extractor, self.rank, self.world_size, EVAL_SEED, self.batch,
-                                        0, self.device)
-        gen_labels = self.label_figures(generated)
+        with torch.random.fork_rng(devices=[]):
+            real_features, real_stats, real_labels = self.real()
+            generated = self.generate(generator)
+            gen_features, gen_stats = embed(generated, self.extractor, self.rank, self.world_size, EVAL_SEED,
+                                            self.batch, 0, self.device)
+            gen_labels = self.label_figures(generated)
         result = [None]
         if self.rank == 0:
             result[0] = figures(real_features, real_stats, real_labels, gen_features, gen_stats, gen_labels)
@@ -118,7 +121,7 @@ class TrainingEvaluation:
         return result[0]
 
     def real(self):
-        """Real features (N, D), FID statistics and per-patch (vessel fraction, contrast) (N, 2):
+        """Real features (N, D), FID statistics and per-patch (vessel fraction, contrast, DSC) (N, 3):
         computed (or read from the cache) at the first call, kept after; the extractor is built then."""
         if self._real is None:
             from hpc_gan.models.resnet3d import build_extractor
