@@ -118,7 +118,27 @@ class TrainConfig:
     log_every: int = opt(50, "Steps between progress lines and metrics records.", min=1)
     image_every: int = opt(500, "Steps between sample slices written to TensorBoard; 0 = never.", min=0)
     checkpoint_every: int = opt(1000, "Steps between checkpoints (one is always written at the end).", min=1)
-    keep_checkpoints: int = opt(3, "Complete checkpoints kept; older ones are deleted.", min=1)
+    keep_checkpoints: int = opt(
+        3, "Complete checkpoints kept; older ones are deleted (never the one checkpoints/best points to).", min=1
+    )
+    eval_every: int = opt(
+        1000, "Steps between evaluations of the generator during training (FID, precision/recall, coverage, "
+        "vessel-fraction KS, label contrast on a fixed latent set; one also at the end); 0 = never. An evaluation "
+        "that improves the best FID is checkpointed and becomes checkpoints/best.", min=0
+    )
+    eval_samples: int = opt(
+        256, "Evaluation during training: generated patches (fixed latents) and real training patches "
+        "(a fixed subset, at most all of them) compared.", min=6
+    )
+    eval_segmenter: bool = opt(
+        False, "Evaluation during training also scores label-image agreement with a reference segmenter "
+        "(a small 3D U-Net trained once per run on the real training split at the first evaluation, cached in "
+        "<run>/eval_cache/): mean DSC of its prediction on each generated image against the generated label."
+    )
+    eval_weights: str = opt(
+        "", "Evaluation during training: MedicalNet ResNet-10 weights for the features; empty = the seeded "
+        "random extractor (figures comparable within and across runs, not with published FIDs)."
+    )
     num_workers: int = opt(2, "DataLoader worker processes per rank.", min=0)
     ema_decay: float = opt(
         0.0, "Keep an exponential moving average of the generator's weights with this decay (e.g. 0.999; "

@@ -139,11 +139,15 @@ def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_d
                   seconds: float) -> None:
     lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if "loss_critic" in r]
+    evals = [r for r in map(json.loads, lines) if "eval" in r]
     first, last = records[0], records[-1]
     report = json.loads((report_dir / "report.json").read_text())
     print(outcome(report))
     print(f"critic loss {first['loss_critic']:.3f} -> {last['loss_critic']:.3f}, Wasserstein estimate "
           f"{first['wasserstein']:.3f} -> {last['wasserstein']:.3f} over {last['step']} steps")
+    if evals:
+        print(f"FID during training:    {' -> '.join(format(r['eval']['fid'] or float('nan'), '.4g') for r in evals)} "
+              f"(steps {', '.join(str(r['step']) for r in evals)}; best in checkpoints/best)")
     print(f"phantom MIP picture:    {out / 'phantoms' / f'mip_{ids[0]}.png'}")
     print(f"shards and manifest:    {cfg.data.root}")
     print(f"run directory:          {cfg.run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")

@@ -114,10 +114,20 @@ def generate(generator: Generator, n: int, seed: int = 0, batch: int = 8,
     generator.eval().to(device)
     for start in range(0, n, batch):
         stop = min(start + batch, n)
-        z = torch.cat([generator.sample_latent(1, torch.Generator().manual_seed(sample_seed(seed, i)), device)
-                       for i in range(start, stop)])  # (B, latent_dim)
+        z = fixed_latents(generator, range(start, stop), seed, device)  # (B, latent_dim)
         with torch.inference_mode():
             yield generator(z).float().cpu()  # (B, 2, X, Y, Z)
+
+
+def fixed_latents(generator: Generator, indices: Iterable[int], seed: int, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The latents of samples ``indices`` of a run seeded with ``seed``: (len(indices), latent_dim).
+
+    Sample ``i``'s latent depends on (seed, i) alone, so any subset of a sample set (one rank's
+    share, a batch) is drawn exactly as in the whole set.
+    """
+    return torch.cat([generator.sample_latent(1, torch.Generator().manual_seed(sample_seed(seed, i)), device,
+                                              dtype=dtype) for i in indices])
 
 
 def _check_request(n: int, seed: int, batch: int) -> None:

@@ -216,7 +216,7 @@ def test_experiment_rows_progress_eta_checkpoint_and_error(tmp_path):
     table = status.render([running, failed]).splitlines()
     assert table[0].split()[:3] == ["VARIANT", "STATE", "JOB"]
     assert table[1].split() == ["c_sn_mp", "RUNNING", "123_0", "4", "node[1-4]", "1:02:03", "20/100", "-0.5000",
-                                "0.2500", "12.5", "65536/32768", "-", "1m20s", "step-00000020"]
+                                "0.2500", "12.5", "65536/32768", "-", "-", "1m20s", "step-00000020"]
     assert "FAILED" in table[2] and table[2].split()[10] == "-"  # no loss scale outside fp16
     assert table[3] == "    torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -228,6 +228,30 @@ def test_dp_run_shows_the_epsilon_spent(tmp_path):
     assert row.epsilon == 3.2581
     assert status.cells(row)[status.COLUMNS.index("EPSILON")] == "3.258"
     assert "EPSILON" in status.render([row]).splitlines()[0]
+
+
+def test_newest_fid_from_the_evaluation_records(tmp_path):
+    exp = write_experiment(tmp_path / "exp", {"sn": "9_0"})
+    run = write_run(exp / "sn", steps=(10, 20), times=(1000.0, 1010.0), checkpoints=(10, 20))
+    with (run / "metrics.jsonl").open("a") as handle:  # evaluations between and after the training records
+        for step, fid in ((10, 80.5), (20, 41.23456)):
+            handle.write(json.dumps({"step": step, "eval": {"fid": fid, "precision": 0.5}, "best_fid": 41.2,
+                                     "time": 1010.5}) + "\n")
+    (run / "checkpoints" / "best").write_text("step-00000020\n")
+    (row,) = status.collect(exp, FakeSlurm(squeue="RUNNING|0:10|node1\n"))
+    assert (row.step, row.loss_critic, row.eta_s) == (20, -0.5, pytest.approx(80.0))  # training records only
+    assert (row.fid, row.fid_step, row.best_checkpoint) == (41.23456, 20, "step-00000020")
+    assert status.cells(row)[status.COLUMNS.index("FID")] == "41.23"
+    shown = json.loads(_json_of([row]))[0]
+    assert (shown["fid"], shown["fid_step"], shown["best_checkpoint"]) == (41.23456, 20, "step-00000020")
+
+
+def _json_of(rows) -> str:
+    import io
+
+    out = io.StringIO()
+    status.show(rows, True, out)
+    return out.getvalue()
 
 
 def test_variant_not_started_yet(tmp_path):

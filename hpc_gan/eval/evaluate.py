@@ -73,21 +73,27 @@ def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: i
     heldout = None
     if heldout_split in real_ds.manifest.splits() and real_ds.manifest.count(heldout_split):
         held = ShardedPatchDataset(real, heldout_split, verify="size")
-        heldout = Subset(held, sorted(rng.permutation(len(held))[: min(count, len(held))].tolist()))
+        heldout = Subset(held, pick(len(held), min(count, len(held)), rng))
     return EvalSets(generated=Subset(generated, list(range(count))),
-                    real=Subset(real_ds, sorted(rng.permutation(len(real_ds))[:count].tolist())),
+                    real=Subset(real_ds, pick(len(real_ds), count, rng)),
                     heldout=heldout, spacing=real_ds.manifest.spacing)
 
 
-def embed(subset: Subset, extractor, rank: int, world: int, seed: int, batch: int, channel: int):
-    """(all features in index order, FID statistics all-reduced over ranks)."""
+def pick(size: int, count: int, rng: np.random.Generator) -> list[int]:
+    """``count`` distinct indices of ``range(size)`` drawn with ``rng``, sorted."""
+    return sorted(rng.permutation(size)[:count].tolist())
+
+
+def embed(subset, extractor, rank: int, world: int, seed: int, batch: int, channel: int, device="cpu"):
+    """(all features in index order, FID statistics all-reduced over ranks) of a dataset of
+    (2, X, Y, Z) patches whose label channel is {0, 1} (a collective call)."""
     from hpc_gan.eval.features import extract_features, gather_features
     from hpc_gan.eval.fid import FIDStatistics
 
     # both sets store labels as {0, 1} (sampling binarises them), images in [-1, 1]
     value_range = (0.0, 1.0) if channel == 1 else (-1.0, 1.0)
     features, indices = extract_features(subset, extractor, rank, world, batch_size=batch, channel=channel, seed=seed,
-                                         value_range=value_range)
+                                         device=device, value_range=value_range)
     stats = FIDStatistics()
     stats.update(features)
     stats.all_reduce()
@@ -95,21 +101,26 @@ def embed(subset: Subset, extractor, rank: int, world: int, seed: int, batch: in
 
 
 def embed_real(subset: Subset, split: str, extractor, identity: dict, cache_dir: str | None, rank: int, world: int,
-               seed: int, batch: int, channel: int):
-    """Like :func:`embed`, reusing real features cached by (manifest, extractor, split, N, seed, channel)."""
+               seed: int, batch: int, channel: int, device="cpu"):
+    """Like :func:`embed`, reusing real features cached by (manifest, extractor, split, N, seed, channel).
+
+    Rank 0 alone reads the cache and shares what it found, so ranks on nodes that see the file
+    system differently (or a file written a moment ago) still agree on hit or miss."""
     from hpc_gan.eval.features import RealStatsCache
     from hpc_gan.eval.fid import FIDStatistics
 
     if cache_dir is None:
-        return embed(subset, extractor, rank, world, seed, batch, channel)
+        return embed(subset, extractor, rank, world, seed, batch, channel, device)
     cache = RealStatsCache(cache_dir)
     key = RealStatsCache.key(subset.dataset.manifest.digest, identity["sha256"], f"{split}-n{len(subset)}-s{seed}",
                              channel)
-    hit = cache.get(key)
-    if hit is not None:
+    hit = [cache.get(key) if rank == 0 else None]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(hit, src=0)
+    if hit[0] is not None:
         log.info("real %s features from the cache %s", split, cache.path(key))
-        return hit["features"], FIDStatistics.from_state_dict(hit)
-    features, stats = embed(subset, extractor, rank, world, seed, batch, channel)
+        return hit[0]["features"], FIDStatistics.from_state_dict(hit[0])
+    features, stats = embed(subset, extractor, rank, world, seed, batch, channel, device)
     if rank == 0:
         cache.put(key, {"features": features, **stats.state_dict()})
     return features, stats

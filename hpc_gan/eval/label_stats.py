@@ -78,11 +78,39 @@ def label_statistics(labels: np.ndarray, spacing: tuple[float, float, float] | N
         array([1, 0])
     """
     labels = _check_labels(labels)
-    fraction = labels.reshape(len(labels), -1).mean(axis=1, dtype=np.float64)
+    fraction = vessel_fractions(labels)
     components = np.array([ndimage.label(label, structure=_FULL)[1] for label in labels], dtype=np.int64)
     radii = [centre_radii(label, spacing) for label in labels]
     return {"vessel_fraction": fraction, "components": components,
             "radius": np.concatenate(radii) if radii else np.zeros(0)}
+
+
+def vessel_fractions(labels: np.ndarray) -> np.ndarray:
+    """Per-sample fraction of vessel voxels: (N, X, Y, Z) 0/1 or bool -> (N,) float64.
+
+    Raises:
+        ValueError: not 4-D, or values other than 0 and 1.
+    """
+    labels = _check_labels(labels)
+    return labels.reshape(len(labels), -1).mean(axis=1, dtype=np.float64)
+
+
+def compare_distributions(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """Wasserstein distance and two-sample KS test between two 1-D samples.
+
+    Returns:
+        ``{"wasserstein", "ks", "ks_pvalue"}``; NaN when a side is empty.
+
+    Example:
+        >>> compare_distributions(np.array([0.1, 0.2]), np.array([0.1, 0.2]))["ks"]
+        0.0
+    """
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if not (len(real) and len(fake)):
+        return {"wasserstein": float("nan"), "ks": float("nan"), "ks_pvalue": float("nan")}
+    test = stats.ks_2samp(real, fake)
+    return {"wasserstein": float(stats.wasserstein_distance(real, fake)), "ks": float(test.statistic),
+            "ks_pvalue": float(test.pvalue)}
 
 
 def compare_label_statistics(real_stats: dict, fake_stats: dict) -> dict[str, dict[str, float]]:
@@ -100,11 +128,7 @@ def compare_label_statistics(real_stats: dict, fake_stats: dict) -> dict[str, di
     for name in STATISTICS:
         real = np.asarray(real_stats[name], dtype=np.float64)
         fake = np.asarray(fake_stats[name], dtype=np.float64)
-        row = {"wasserstein": float("nan"), "ks": float("nan"), "ks_pvalue": float("nan")}
-        if len(real) and len(fake):
-            test = stats.ks_2samp(real, fake)
-            row = {"wasserstein": float(stats.wasserstein_distance(real, fake)), "ks": float(test.statistic),
-                   "ks_pvalue": float(test.pvalue)}
+        row = compare_distributions(real, fake)
         for side, values in (("real", real), ("fake", fake)):
             row[f"{side}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{side}_std"] = float(values.std()) if len(values) else float("nan")

@@ -1,6 +1,6 @@
 """``launch/status.py`` (``hpc_gan status``): one row per variant of an experiment.
 
-    python launch/status.py runs/exp1                 # table: state, step, losses, ETA, checkpoint, error
+    python launch/status.py runs/exp1                 # table: state, step, losses, FID, ETA, checkpoint, error
     python launch/status.py runs/exp1 --watch 30      # redraw every 30 s until every job has finished
     python launch/status.py runs/exp1/c_sn_mp --json  # one run directory, as JSON
 
@@ -13,6 +13,9 @@ Job state. SLURM: ``squeue`` first (it knows queued and running jobs, sacct may 
 ``.extern`` or step lines. Local jobs (``--cluster local``) have no scheduler to ask: COMPLETED
 when the newest complete checkpoint is the last step, RUNNING while metrics keep arriving,
 UNKNOWN otherwise.
+
+FID: the newest in-training evaluation record of metrics.jsonl (``train.eval_every``), found in
+the file's tail like the losses; ``--json`` adds its step and the checkpoint ``best`` names.
 
 Error line of a job's stderr log (:func:`error_line`), scanning lines in order, the first match wins:
 
@@ -85,6 +88,9 @@ class Row:
     loss_scale_generator: float | None = None
     precision: str | None = None
     epsilon: float | None = None
+    fid: float | None = None
+    fid_step: int | None = None
+    best_checkpoint: str | None = None
     eta_s: float | None = None
     checkpoint: str | None = None
     error: str | None = None
@@ -233,9 +239,16 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_DIR_MARKERS)
 
 
-def last_records(path: Path, n: int = 2, tail_bytes: int = 1 << 16) -> list[dict]:
-    """The last ``n`` records of metrics.jsonl, reading only its tail (the file grows for days).
-    Lines that do not parse are skipped: rank 0 may be writing the last one right now."""
+def is_eval(record: dict) -> bool:
+    """An evaluation record (``{"step", "eval": {...}, ...}``) rather than a training record
+    (the same test as hpc_gan.train.metrics.is_eval, which would import torch)."""
+    return "eval" in record
+
+
+def last_records(path: Path, n: int = 2, tail_bytes: int = 1 << 16, evaluations: bool = False) -> list[dict]:
+    """The last ``n`` training records of metrics.jsonl (evaluation records with ``evaluations``),
+    reading only its tail (the file grows for days). Lines that do not parse are skipped: rank 0
+    may be writing the last one right now."""
     if not path.is_file():
         return []
     with path.open("rb") as handle:
@@ -247,7 +260,7 @@ def last_records(path: Path, n: int = 2, tail_bytes: int = 1 << 16) -> list[dict
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict) and "step" in record and is_eval(record) == evaluations:
             records.insert(0, record)
         if len(records) == n:
             break
@@ -284,10 +297,14 @@ def eta_seconds(records: list[dict], total: int | None) -> float | None:
 
 
 def fill_progress(row: Row, run_dir: Path) -> list[dict]:
-    """Step, losses, throughput, loss scales, epsilon (dp), ETA and checkpoint of a run; returns the last records."""
+    """Step, losses, throughput, loss scales, epsilon (dp), FID, ETA and checkpoints of a run; returns the last
+    training records."""
     records = last_records(run_dir / "metrics.jsonl")
     row.total_steps = row.total_steps or configured_steps(run_dir)
     row.checkpoint = ckpt.newest_complete(run_dir / "checkpoints")
+    row.best_checkpoint = ckpt.best_tag(run_dir / "checkpoints")
+    for evaluation in last_records(run_dir / "metrics.jsonl", n=1, evaluations=True):
+        row.fid, row.fid_step = evaluation["eval"].get("fid"), evaluation["step"]
     if records:
         last = records[-1]
         row.step = last["step"]
@@ -400,7 +417,7 @@ def collect(target: str | Path, runner: Runner = run_tool, now: float | None = N
 
 
 COLUMNS = ("VARIANT", "STATE", "JOB", "NODES", "ELAPSED", "STEP", "LOSS D", "LOSS G", "PATCH/S", "SCALE D/G",
-           "EPSILON", "ETA", "CHECKPOINT")
+           "EPSILON", "FID", "ETA", "CHECKPOINT")
 
 
 def duration(seconds: float | None) -> str:
@@ -427,7 +444,7 @@ def cells(row: Row) -> tuple[str, ...]:
     nodes = " ".join(str(part) for part in (row.nodes, row.node_list) if part not in (None, "")) or "-"
     return (row.variant, row.state or "-", row.job_id or "-", nodes, row.elapsed or "-", steps,
             number(row.loss_critic, ".4f"), number(row.loss_generator, ".4f"), number(row.patches_per_s, ".1f"),
-            scale, number(row.epsilon, ".4g"), duration(row.eta_s), row.checkpoint or "-")
+            scale, number(row.epsilon, ".4g"), number(row.fid, ".4g"), duration(row.eta_s), row.checkpoint or "-")
 
 
 def render(rows: list[Row]) -> str:

@@ -14,6 +14,8 @@ Layout of ``<run_dir>/checkpoints/``::
         state.json          step, epoch, data cursor, variant, resolved config, manifest hash, world size
         COMPLETE            written by rank 0 after a barrier: the checkpoint is whole
     latest                  name of the newest COMPLETE checkpoint, replaced atomically
+    best                    name of the COMPLETE checkpoint with the lowest in-training FID (written
+                            only when train.eval_every > 0), replaced atomically; pruning keeps it
 
 A checkpoint without COMPLETE (a job killed while saving) is ignored on resume and deleted by
 the next pruning. torch and NumPy are imported only where RNG states are handled, so the
@@ -33,6 +35,7 @@ from hpc_gan.errors import CheckpointError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
 STATE = "state.json"
 BUFFERS = "generator_buffers.pt"
 EMA = "generator_ema.pt"
@@ -125,13 +128,27 @@ def mark_complete(root: Path, tag: str) -> None:
     write_atomic(root / LATEST, tag + "\n")
 
 
+def mark_best(root: Path, tag: str) -> None:
+    """Rank 0, after :func:`mark_complete` of ``tag``: ``best`` names it (lowest FID so far)."""
+    write_atomic(root / BEST, tag + "\n")
+
+
+def best_tag(root: str | os.PathLike) -> str | None:
+    """The tag ``best`` names, if that checkpoint is COMPLETE; else None."""
+    pointer = Path(root) / BEST
+    tag = pointer.read_text().strip() if pointer.is_file() else ""
+    return tag if tag and _TAG.match(tag) and (Path(root) / tag / COMPLETE).is_file() else None
+
+
 def prune(root: Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` COMPLETE checkpoints, and incomplete ones older than them."""
+    """Delete all but the newest ``keep`` COMPLETE checkpoints (and the one ``best`` names), and
+    incomplete ones older than them."""
     keep_tags = complete_tags(root)[-keep:]
     oldest_kept = keep_tags[0] if keep_tags else None
+    best = best_tag(root)
     removed = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not _TAG.match(path.name) or path.name in keep_tags:
+        if not _TAG.match(path.name) or path.name in keep_tags or path.name == best:
             continue
         if (path / COMPLETE).is_file() or (oldest_kept and path.name < oldest_kept):
             shutil.rmtree(path, ignore_errors=True)

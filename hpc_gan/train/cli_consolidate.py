@@ -1,4 +1,4 @@
-"""``hpc_gan consolidate RUN_DIR [--tag]``: one fp32 generator file from a run's ZeRO shards."""
+"""``hpc_gan consolidate RUN_DIR [--tag TAG | --best]``: one fp32 generator file from a run's ZeRO shards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory (holding checkpoints/)")
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step-00000300 (default: the newest complete one)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--tag", help="checkpoint tag, e.g. step-00000300 (default: the newest complete one)")
+    which.add_argument("--best", action="store_true",
+                       help="the checkpoint with the lowest FID of the evaluations during training (checkpoints/best)")
     parser.add_argument("--out", help="output file (default RUN_DIR/consolidated/generator-TAG.pt)")
 
 
@@ -17,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from hpc_gan.train.consolidate import consolidate, load_generator
 
-    path = consolidate(args.run_dir, args.tag, args.out)
+    path = consolidate(args.run_dir, args.tag, args.out, best=args.best)
     _, meta = load_generator(path)
     ema = meta["ema"]
     extra = f" (raw weights and their EMA, decay {ema['decay']:g})" if ema else ""

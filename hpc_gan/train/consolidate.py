@@ -39,21 +39,28 @@ FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
-def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | os.PathLike | None = None) -> Path:
+def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | os.PathLike | None = None,
+                best: bool = False) -> Path:
     """Gather the generator of one COMPLETE checkpoint into a single fp32 file.
 
     Args:
         run_dir: the run directory (holding ``checkpoints/``).
         tag: checkpoint tag, e.g. ``step-00000300``; default the newest COMPLETE one.
         out: output file; default ``<run_dir>/consolidated/generator-<tag>.pt``.
+        best: the checkpoint ``checkpoints/best`` names (lowest in-training FID) instead of ``tag``.
 
     Returns:
         The path of the written file (its SHA-256 is in ``<file>.sha256``).
 
     Raises:
-        CheckpointError: no complete checkpoint, or the shards cannot be read.
+        CheckpointError: no complete checkpoint (no best one with ``best``), or the shards cannot be read.
     """
     root = Path(run_dir) / "checkpoints"
+    if best:
+        tag = ckpt.best_tag(root)
+        if tag is None:
+            raise CheckpointError(f"'{run_dir}' has no best checkpoint (checkpoints/best is written by evaluations "
+                                  "during training, train.eval_every > 0); consolidate without --best")
     tag = tag or ckpt.newest_complete(root)
     if tag is None:
         raise CheckpointError(f"'{run_dir}' has no complete checkpoint to consolidate; train first or check the path")

@@ -1,5 +1,9 @@
 """What a run reports: ``metrics.jsonl``, TensorBoard scalars and slices, one progress line.
 
+metrics.jsonl holds two kinds of records: training records (losses, throughput, ... every
+``train.log_every`` steps) and evaluation records ``{"step", "eval": {...}, "best_fid", "time"}``
+(every ``train.eval_every`` steps); :func:`is_eval` tells them apart.
+
 Only rank 0 writes; every rank calls :meth:`MetricsLogger.average` so the reported losses are
 means over ranks (one small all-reduce every ``log_every`` steps).
 """
@@ -82,6 +86,22 @@ class MetricsLogger:
         print(progress_line(record, self.total_steps), file=sys.stdout, flush=True)
         return record
 
+    def evaluation(self, step: int, result: dict, best_fid: float | None) -> None:
+        """Write one in-training evaluation: ``{"step", "eval": {...}, "best_fid", "time"}`` to
+        metrics.jsonl, ``eval/*`` scalars to TensorBoard, one line to the log (rank 0). Its time
+        (``result["seconds"]``) is left out of the throughput of the current window."""
+        self._window_start += result.get("seconds") or 0.0
+        if not self.rank0:
+            return
+        record = {"step": step, "eval": result, "best_fid": best_fid, "time": time.time()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in result.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"eval/{key}", value, step)
+        print(eval_line(record, self.total_steps), file=sys.stdout, flush=True)
+
     def images(self, step: int, samples: torch.Tensor) -> None:
         """Mid-axial slices of generated samples (B, 2, X, Y, Z): image row above label row."""
         if self._writer is None:
@@ -106,3 +126,22 @@ def progress_line(record: dict, total_steps: int) -> str:
     return (f"step {record['step']}/{total_steps} ep {record['epoch']} | D {record['loss_critic']:.4f} "
             f"G {record['loss_generator']:.4f} W {record['wasserstein']:.4f} {last} | "
             f"{record['patches_per_s']:.1f} patch/s{scales}{skipped} | {record['peak_memory_mb']:.0f} MB")
+
+
+def is_eval(record: dict) -> bool:
+    """An in-training evaluation record (not a training record)."""
+    return "eval" in record
+
+
+def eval_line(record: dict, total_steps: int) -> str:
+    """The evaluation's line in the log, e.g. ``step 1000/20000 eval | FID 41.23 (best 39.80) |
+    P 0.612 R 0.503 cov 0.701 | vessel-fraction KS 0.188 | contrast 0.412 (real 0.905) | 3.1 s``."""
+    e = record["eval"]
+
+    def f(key: str, spec: str = ".3f") -> str:
+        return "-" if e.get(key) is None else format(e[key], spec)
+
+    best = "-" if record.get("best_fid") is None else format(record["best_fid"], ".4g")
+    return (f"step {record['step']}/{total_steps} eval | FID {f('fid', '.4g')} (best {best}) | P {f('precision')} "
+            f"R {f('recall')} cov {f('coverage')} | vessel-fraction KS {f('vessel_fraction_ks')} | contrast "
+            f"{f('contrast')} (real {f('contrast_real')}) | {f('seconds', '.1f')} s")

@@ -27,6 +27,7 @@ from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train import ema as gen_ema
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
+from hpc_gan.train.evaluation import TrainingEvaluation
 from hpc_gan.train.metrics import MetricsLogger
 from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_iteration
 
@@ -123,6 +124,8 @@ class TrainingLoop:
                                 self.cfg.train.log_every)
         self._announce(resumed)
         self._install_stop_handler()
+        evaluation = TrainingEvaluation(self.cfg, self.dataset, self.env.rank, self.env.world_size, self.run_dir,
+                                        self.device) if self.cfg.train.eval_every else None
         fixed_z = torch.Generator().manual_seed(12345)
         record, bad_run = None, 0
         try:
@@ -145,9 +148,12 @@ class TrainingLoop:
                 if t.image_every and self.step % t.image_every == 0:
                     metrics.images(self.step, self.samples(4, fixed_z))
                 stop = self._agree_to_stop()
+                evaluated, best = None, False
+                if evaluation and evaluation.due(self.step, self.total_steps) and not (stop or bad_run):
+                    evaluated, best = self._evaluate(evaluation, metrics)
                 periodic = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
-                if stop or (periodic and not bad_run):  # never checkpoint inside a non-finite streak
-                    self.save()
+                if stop or best or (periodic and not bad_run):  # never checkpoint inside a non-finite streak
+                    self.save(evaluated, best)
                 if stop:
                     self.stop_requested = True
                     log.warning("stop requested: checkpoint %s written, exiting for requeue", ckpt.tag_of(self.step))
@@ -174,12 +180,28 @@ class TrainingLoop:
               f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
               + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
 
+    def evaluation_module(self) -> torch.nn.Module:
+        """The generator that previews and evaluation during training use: the EMA average (with
+        the live generator's BatchNorm statistics) when the run keeps one, as `hpc_gan sample`
+        does; else the trained generator itself."""
+        if self.ema is not None:
+            return gen_ema.averaged_generator(self.ema, lambda: build_generator(self.cfg.model), self.generator_module,
+                                              self.device)
+        return self.generator_module
+
+    def _evaluate(self, evaluation: TrainingEvaluation, metrics: MetricsLogger) -> tuple[dict, bool]:
+        """One in-training evaluation (collective), logged, and whether it has the best FID so far
+        (then this step is checkpointed and becomes ``checkpoints/best``)."""
+        self._average_batchnorm_buffers()  # eval mode uses running statistics: the same on every rank
+        result = evaluation.run(self.evaluation_module())
+        best = evaluation.improves(result)
+        metrics.evaluation(self.step, result, evaluation.best_fid)
+        return result, best
+
     @torch.no_grad()
     def samples(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """n patches (n, 2, X, Y, Z) from the generator in eval mode (BatchNorm running statistics)."""
-        module = self.generator_module
-        if self.ema is not None:  # previews show the average, as `hpc_gan sample` will
-            module = gen_ema.averaged_generator(self.ema, lambda: build_generator(self.cfg.model), module, self.device)
+        module = self.evaluation_module()
         module.eval()
         try:
             z = module.sample_latent(n, generator=rng, device=self.device, dtype=next(module.parameters()).dtype)
@@ -221,8 +243,11 @@ class TrainingLoop:
             save_config(self.cfg, self.run_dir / "config.yaml")
         hdist.barrier()
 
-    def save(self) -> Path:
-        """Write one checkpoint with every rank; rank 0 marks it COMPLETE after a barrier."""
+    def save(self, evaluated: dict | None = None, best: bool = False) -> Path:
+        """Write one checkpoint with every rank; rank 0 marks it COMPLETE after a barrier.
+
+        ``evaluated``: this step's in-training evaluation, kept in state.json; ``best``: it has
+        the lowest FID so far, so ``checkpoints/best`` will name this checkpoint."""
         tag = ckpt.tag_of(self.step)
         where = self.ckpt_root / tag
         self._average_batchnorm_buffers()
@@ -238,11 +263,13 @@ class TrainingLoop:
             state = {"step": self.step, "epoch": self.epoch, "variant": self.cfg.variant,
                      "world_size": self.env.world_size, "precision": self.precision,
                      "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
-                     **self._state_extra(), "saved": time.time()}
+                     **self._state_extra(), **({"eval": evaluated} if evaluated else {}), "saved": time.time()}
             ckpt.write_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
         hdist.barrier()
         if self.env.rank == 0:
             ckpt.mark_complete(self.ckpt_root, tag)
+            if best:
+                ckpt.mark_best(self.ckpt_root, tag)
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
         hdist.barrier()
         return where

@@ -61,7 +61,8 @@ def parity() -> dict:
 def _trainer(data: str, out: Path, steps: int) -> DPTrainer:
     cfg = load_config("dp", "smoke", overrides=[f"data.root={data}", f"output_root={out}", "train.log_every=1",
                                                  "train.image_every=0", "data.verify=none", f"train.max_steps={steps}",
-                                                 "train.checkpoint_every=2", "privacy.secret_seeds=false"])
+                                                 "train.checkpoint_every=2", "privacy.secret_seeds=false",
+                                                 "train.eval_every=0"])
     return DPTrainer(cfg, ENV)
 
 

@@ -28,7 +28,7 @@ ENV = hdist.detect()
 
 def make_trainer(data: str, out: Path, variant: str = "sn", **sets) -> Trainer:
     overrides = [f"data.root={data}", f"output_root={out}", "train.log_every=1", "train.image_every=0",
-                 "train.checkpoint_every=1000", "data.verify=none"]
+                 "train.checkpoint_every=1000", "data.verify=none", "train.eval_every=0"]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return Trainer(load_config(variant, "smoke", overrides=overrides), ENV)
 
@@ -267,6 +267,23 @@ def stop_signal(data, work) -> dict:
     return {"ranks": steps, "latest": ckpt.newest_complete(t.ckpt_root)}
 
 
+def evaluation(data, work) -> dict:
+    """6 steps, evaluation every 2 (9 samples at batch 4: rank 1's second generator pass is empty,
+    which ZeRO-3's collective forward must still run), keep 1 checkpoint: records, best, pruning;
+    with a generator EMA, which is what gets evaluated."""
+    from hpc_gan.train import checkpoint as ckpt
+
+    t = make_trainer(data, work / "evaluation", train__max_steps=6, train__eval_every=2, train__eval_samples=9,
+                     train__batch_size=4, train__zero_stage_generator=3, train__keep_checkpoints=1,
+                     train__ema_decay=0.9)
+    t.fit()
+    out = {"best": ckpt.best_tag(t.ckpt_root), "complete": ckpt.complete_tags(t.ckpt_root)}
+    if ENV.rank == 0:
+        out["records"] = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+        out["consolidated"] = str(consolidate(t.run_dir, best=True))
+    return out
+
+
 def _ema_flat(t: Trainer) -> torch.Tensor:
     return torch.cat([t.ema.params[n].flatten().cpu() for n in sorted(t.ema.params)])
 
@@ -316,7 +333,7 @@ def ema(data, work) -> dict:
     return result
 
 
-SCENARIOS = {"ema": ema,
+SCENARIOS = {"ema": ema, "evaluation": evaluation,
              "nonfinite": nonfinite, "stop_signal": stop_signal, "matrix": matrix, "resume": resume, "sn_sync": sn_sync, "consolidation": consolidation,
              "parity": parity}
 

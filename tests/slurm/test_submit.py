@@ -41,7 +41,9 @@ def jobs(workdir: Path, name: str) -> dict:
 
 
 def metrics(run_dir: str) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The training records (evaluation records left out)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval" not in r]
 
 
 @pytest.fixture(scope="module")
