@@ -30,6 +30,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -94,18 +95,24 @@ def train(args: argparse.Namespace, shards: Path, work: Path) -> tuple[Path, flo
 
 
 def evaluate_checkpoints(run_dir: Path, shards: Path, samples: int, work: Path, submitted: float,
-                         agreement_steps: int = 300) -> list[dict]:
-    """Every COMPLETE checkpoint: consolidate, sample, evaluate; one flat row each. ``submitted``:
-    the epoch time of the submission (a checkpoint's training time counts start-up too)."""
+                         agreement_steps: int = 300, every: int = 1000) -> list[dict]:
+    """The COMPLETE checkpoints at multiples of ``every`` steps, the last one and the one that
+    ``checkpoints/best`` names (the in-training evaluation's lowest FID): consolidate, sample,
+    evaluate; one flat row each. ``submitted``: the epoch time of the submission (a
+    checkpoint's training time counts start-up too)."""
     from hpc_gan.eval.evaluate import evaluate
     from hpc_gan.sample import sample_to_disk
     from hpc_gan.train import checkpoint as ckpt
     from hpc_gan.train.consolidate import consolidate
 
     root = run_dir / "checkpoints"
+    tags = ckpt.complete_tags(root)
+    best = ckpt.best_tag(root)
     rows = []
-    for tag in ckpt.complete_tags(root):
+    for tag in tags:
         state = ckpt.read_state(root / tag)
+        if state["step"] % every and tag != tags[-1] and tag != best:
+            continue
         generator = consolidate(run_dir, tag)
         out = work / "eval" / tag
         sample_to_disk(generator, samples, out / "samples", fmt="hdf5", seed=1, overwrite=True)
@@ -113,7 +120,7 @@ def evaluate_checkpoints(run_dir: Path, shards: Path, samples: int, work: Path, 
         report = evaluate(str(out / "samples"), str(shards), str(out / "report"), n=samples, seed=0,
                           cache=str(work / "feature_cache"), agreement_steps=agreement_steps)
         row = flatten(report)
-        row.update(step=state["step"], train_seconds=state["saved"] - submitted,
+        row.update(step=state["step"], best=tag == best, train_seconds=state["saved"] - submitted,
                    eval_seconds=time.perf_counter() - began, montage=str(out / "samples" / "montage.png"))
         rows.append(row)
         print(f"{tag}: " + ", ".join(f"{k} {row[k]:.3g}" for k in ("fid_ratio", "precision", "recall",
@@ -198,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         from hpc_gan.config import load_config
 
         patch_shape = load_config(args.variant, profile=args.profile, overrides=args.set).model.patch_shape
-        shards = make_phantom_shards(work, args.subjects, patch_shape, workers=2)
-        submitted = time.time()
-        run_dir, train_wall, config = train(args, shards, work)
-        rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted, args.agreement_steps)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON alone
+            shards = make_phantom_shards(work, args.subjects, patch_shape, workers=2)
+            submitted = time.time()
+            run_dir, train_wall, config = train(args, shards, work)
+            rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted, args.agreement_steps,
+                                        args.eval_every)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         evals = [r["eval"] for r in records if isinstance(r.get("eval"), dict)]
         eval_seconds = sum(e.get("seconds", 0.0) for e in evals)

@@ -28,7 +28,7 @@ from hpc_gan.errors import HpcGanError
 
 log = logging.getLogger("hpc_gan.demo")
 DEMO_VARIANT, DEMO_PROFILE = "sn", "learn"
-DEMO_STEPS = 3000  # the learn profile's curve (docs/BENCHMARKS.md): vessels with their labels by then, ~6 min
+DEMO_STEPS = 2500  # the learn profile's curve (docs/BENCHMARKS.md): vessels with labels on them by then, ~6 min
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

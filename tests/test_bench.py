@@ -39,3 +39,23 @@ def test_dp_step_benchmark_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["dp_iteration_ms"] > 0 and result["plain_iteration_ms"] > 0 and result["n_critic"] == 5
+
+
+@pytest.mark.multiprocess
+def test_convergence_benchmark_quick_run(tmp_path):
+    """Phantoms -> shards -> 2 local ranks through the launcher -> every checkpoint evaluated."""
+    done = subprocess.run([sys.executable, str(REPO / "bench/convergence.py"), "--quick", "--png",
+                           str(tmp_path / "curve.png")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    rows = result["checkpoints"]
+    assert [r["step"] for r in rows] == [100, 200]
+    for row in rows:
+        assert row["fid"] > 0 and row["fid_heldout"] > 0 and row["fid_ratio"] == row["fid"] / row["fid_heldout"]
+        assert row["k"] == 5 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert 0 <= row["vessel_fraction_ks"] <= 1 and row["agreement_dice_real"] > 0
+        assert 0 < row["train_seconds"] < result["train_wall_seconds"] + 1
+    assert set(result["best_within_budget"]["meets"]) == {"fid_ratio", "precision", "recall", "vessel_fraction_ks",
+                                                           "agreement_dice_ratio"}
+    assert result["in_training_eval"]["records"] >= 1 and result["in_training_eval"]["seconds"] > 0
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
