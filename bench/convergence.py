@@ -50,7 +50,7 @@ TARGETS = {"fid_ratio": ("<=", 3.0), "precision": (">=", 0.6), "recall": (">=", 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--variant", default="sn")
     parser.add_argument("--profile", default="learn")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")

@@ -128,7 +128,8 @@ class TrainConfig:
     )
     eval_samples: int = opt(
         256, "Evaluation during training: generated patches (fixed latents) and real training patches "
-        "(a fixed subset, at most all of them) compared.", min=6
+        "(a fixed subset, at most all of them) compared; at least 6, as precision/recall use the 5 nearest "
+        "neighbours.", min=6
     )
     eval_segmenter: bool = opt(
         False, "Evaluation during training also scores label-image agreement with a reference segmenter "

@@ -90,6 +90,18 @@ def test_compare_puts_runs_in_one_table(report, tmp_path, capsys):
     assert (tmp_path / "prd_all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.unit
+def test_compare_tells_reports_in_same_named_folders_apart(report, tmp_path, capsys):
+    """submit --job evaluate writes every variant's report to <run>/eval: one row each, not one merged row."""
+    _, out = report
+    for variant in ("sn", "gp"):
+        shutil.copytree(out, tmp_path / "exp" / variant / "eval")
+    assert main(["compare", str(tmp_path / "exp/sn/eval"), str(tmp_path / "exp/gp/eval")]) == 0
+    text = capsys.readouterr().out
+    assert "| sn/eval |" in text and "| gp/eval |" in text
+    assert _fails(capsys, ["compare", str(out), str(out)], "more than once")
+
+
 def _fails(capsys, argv, *words):
     assert main(argv) == 2
     return assert_one_line_error(capsys, *words)

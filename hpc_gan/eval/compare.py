@@ -24,7 +24,8 @@ COLUMNS = (("FID", ("fid", "generated_vs_real")), ("FID baseline", ("fid", "held
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reports", nargs="+", help="report directories (from hpc_gan evaluate, named by folder), or "
+    parser.add_argument("reports", nargs="+", help="report directories (from hpc_gan evaluate, named by folder, with as many parent folders "
+                                                   "as it takes to tell them apart), or "
                                                    "downstream-test directories (hpc_gan tstr: merged into Table 3)")
     parser.add_argument("--plot", help="write all PRD curves (or the DSC/bAVD box plots) into this PNG")
 
@@ -71,6 +72,24 @@ def tstr_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def row_names(paths: list[Path]) -> list[str]:
+    """A name per report: its folder, or as many trailing path parts as it takes to tell the
+    reports apart (``runs/exp1/*/eval`` gives ``sn/eval``, ``gp/eval``, ...).
+
+    Raises:
+        DataError: the same report given twice.
+    """
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(str(p) for p, r in zip(paths, resolved) if resolved.count(r) > 1)
+        raise DataError(f"report '{twice}' is given more than once; give each report directory once")
+    for depth in range(1, max(len(r.parts) for r in resolved) + 1):
+        names = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in resolved]
+
+
 def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.reports]
     if paths and all((p / "scores.csv").is_file() for p in paths):  # downstream tests: the paper's Table 3
@@ -83,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             box_plots_png(by_source(rows), args.plot)
             print(f"box plots: {args.plot}")
         return 0
-    reports = {Path(p).name or str(p): load_report(Path(p)) for p in args.reports}
+    reports = dict(zip(row_names(paths), (load_report(p) for p in paths)))
     print(table(reports))
     if args.plot:
         from hpc_gan.eval.prd import plot_prd
