@@ -106,7 +106,7 @@ def test_evaluation_is_deterministic_and_uses_the_cache(smoke_shards, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_short_dp_run_writes_eval_records_and_best_pointer(smoke_shards, tmp_path):
+def test_short_dp_run_writes_eval_records_and_best_pointer(smoke_shards, tmp_path, capsys):
     pytest.importorskip("opacus")
     from hpc_gan.privacy.dp_trainer import DPTrainer
     from hpc_gan.train.consolidate import consolidate
@@ -128,3 +128,8 @@ def test_short_dp_run_writes_eval_records_and_best_pointer(smoke_shards, tmp_pat
     assert ckpt.newest_complete(root) == "step-00000005"  # keep 1, plus the best
     assert set(ckpt.complete_tags(root)) == {ckpt.tag_of(best["step"]), "step-00000005"}
     assert ckpt.tag_of(best["step"]) in consolidate(cfg.run_dir, best=True).name
+    from hpc_gan.cli import main
+
+    assert main(["consolidate", str(cfg.run_dir), "--best", "--out", str(tmp_path / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert f"at step {best['step']}" in said and f"the best checkpoint (FID {best['eval']['fid']:.4g}" in said

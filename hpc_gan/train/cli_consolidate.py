@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,5 +25,11 @@ def run(args: argparse.Namespace) -> int:
     _, meta = load_generator(path)
     ema = meta["ema"]
     extra = f" (raw weights and their EMA, decay {ema['decay']:g})" if ema else ""
+    if args.best:
+        from hpc_gan.train import checkpoint as ckpt
+
+        root = Path(args.run_dir) / "checkpoints"
+        fid = (ckpt.read_state(root / ckpt.tag_of(meta["step"])).get("eval") or {}).get("fid")
+        extra += f", the best checkpoint (FID {fid:.4g} during training)" if fid is not None else ", the best checkpoint"
     print(f"consolidated {meta['variant']} generator at step {meta['step']}{extra}: {path}")
     return 0
