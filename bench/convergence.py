@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train(args: argparse.Namespace, shards: Path, work: Path) -> tuple[Path, float, dict]:
     """Submit the run as a user would and wait; returns (run directory, wall seconds, config)."""
     from hpc_gan.cli import main as hpc_gan_main
-    from hpc_gan.config import load_config
+    from hpc_gan.config import load_config, to_dict
 
     overrides = [f"data.root={shards}", f"output_root={work / 'runs'}", "name=convergence",
                  f"train.checkpoint_every={args.eval_every}", "train.keep_checkpoints=1000", *args.set]
@@ -89,8 +89,6 @@ def train(args: argparse.Namespace, shards: Path, work: Path) -> tuple[Path, flo
     wall = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"training failed (exit {code}); logs under {cfg.run_dir.parent / 'logs'}")
-    from hpc_gan.config import to_dict
-
     return cfg.run_dir, wall, to_dict(cfg)
 
 
@@ -198,6 +196,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hpc_gan.demo import make_phantom_shards
+    from hpc_gan.train.metrics import is_eval
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hpc_gan_convergence_"))
     began = time.perf_counter()
@@ -206,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
         patch_shape = load_config(args.variant, profile=args.profile, overrides=args.set).model.patch_shape
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON alone
-            shards = make_phantom_shards(work, args.subjects, patch_shape, workers=2)
+            shards = work / "shards"
+            make_phantom_shards(work, args.subjects, patch_shape, shards)
             submitted = time.time()
             run_dir, train_wall, config = train(args, shards, work)
             rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted, args.agreement_steps,
                                         args.eval_every)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        evals = [r["eval"] for r in records if isinstance(r.get("eval"), dict)]
+        evals = [r["eval"] for r in records if is_eval(r)]
         eval_seconds = sum(e.get("seconds", 0.0) for e in evals)
         result = {
             "benchmark": "convergence", "tag": args.tag, "variant": args.variant, "profile": args.profile,

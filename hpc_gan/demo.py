@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpc_gan.config import load_config, save_config
+from hpc_gan.config import load_config
 from hpc_gan.data import pack as packing
 from hpc_gan.data.cli_pack import summary
 from hpc_gan.data.patches import SamplingPlan
@@ -62,16 +62,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def make_data(args: argparse.Namespace, cfg, out: Path) -> list[str]:
-    make_phantom_shards(out, args.subjects, cfg.model.patch_shape, args.workers, shards=cfg.data.root)
-    return sorted(p.name.split(".")[0] for p in (out / "phantoms/images").glob("*.nii.gz"))
+    return make_phantom_shards(out, args.subjects, cfg.model.patch_shape, cfg.data.root, args.workers)
 
 
-def make_phantom_shards(out: Path, subjects: int, patch_shape, workers: int = 2, shards: Path | None = None) -> Path:
+def make_phantom_shards(out: Path, subjects: int, patch_shape, shards: Path, workers: int = 2) -> list[str]:
     """Phantom volumes (96x96x48 voxels of 0.5x0.5x0.8 mm, seed 0) in ``out/phantoms`` packed
-    into ``shards`` (default ``out/shards``): 75/12.5/12.5 % of subjects for train/val/test,
-    50 patches per subject (a 3x3x2 grid and 32 vessel-centred). Shared by the demo and
-    ``bench/convergence.py``. Returns the shard directory."""
-    shards = Path(shards or out / "shards")
+    into ``shards``: 75/12.5/12.5 % of subjects for train/val/test, 50 patches per subject (a
+    3x3x2 grid and 32 vessel-centred). Shared by the demo and ``bench/convergence.py``.
+    Returns the subject ids."""
     log.info("1/7 phantoms: %d subjects of 96x96x48 voxels at 0.5x0.5x0.8 mm", subjects)
     ids = write_phantom_dataset(out / "phantoms", subjects, seed=0, workers=workers, overwrite=True)
     log.info("2/7 packing %s patches into shards", "x".join(map(str, patch_shape)))
@@ -80,7 +78,7 @@ def make_phantom_shards(out: Path, subjects: int, patch_shape, workers: int = 2,
     manifest = packing.pack(found, splits, shards, SamplingPlan(patch_shape, (3, 3, 2), 32, 0),
                             workers=workers, overwrite=True, progress=False)
     print(summary(manifest), flush=True)
-    return shards
+    return ids
 
 
 def train(cfg, ranks: int, overrides: list[str]) -> None:
@@ -137,9 +135,11 @@ def downstream_test(cfg, out: Path) -> Path:
 
 def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_dir: Path, tstr_dir: Path,
                   seconds: float) -> None:
-    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if "loss_critic" in r]
-    evals = [r for r in map(json.loads, lines) if "eval" in r]
+    from hpc_gan.train.metrics import is_eval
+
+    written = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in written if not is_eval(r)]
+    evals = [r for r in written if is_eval(r)]
     first, last = records[0], records[-1]
     report = json.loads((report_dir / "report.json").read_text())
     print(outcome(report))

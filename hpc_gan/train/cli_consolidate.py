@@ -26,10 +26,9 @@ def run(args: argparse.Namespace) -> int:
     ema = meta["ema"]
     extra = f" (raw weights and their EMA, decay {ema['decay']:g})" if ema else ""
     if args.best:
-        from hpc_gan.train import checkpoint as ckpt
+        from hpc_gan.train.evaluation import best_fid
 
-        root = Path(args.run_dir) / "checkpoints"
-        fid = (ckpt.read_state(root / ckpt.tag_of(meta["step"])).get("eval") or {}).get("fid")
+        fid = best_fid(Path(args.run_dir) / "checkpoints")
         extra += f", the best checkpoint (FID {fid:.4g} during training)" if fid is not None else ", the best checkpoint"
     print(f"consolidated {meta['variant']} generator at step {meta['step']}{extra}: {path}")
     return 0

@@ -72,12 +72,16 @@ def _gathered(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def _leaf_modules(module: torch.nn.Module):
-    """Modules with parameters of their own, so ZeRO-3 gathers one layer at a time (bounded memory)."""
+def _whole_parameters(module: torch.nn.Module):
+    """(name, whole parameter) of every parameter, gathered one layer at a time under ZeRO-3 (a
+    collective on every rank: consume the whole iterator; memory bounded by the largest layer)."""
+    names = {id(p): n for n, p in module.named_parameters()}
     for sub in module.modules():
         own = list(sub.parameters(recurse=False))
         if own:
-            yield sub, own
+            with _gathered(own):
+                for p in own:
+                    yield names[id(p)], p
 
 
 class GeneratorEMA:
@@ -99,26 +103,17 @@ class GeneratorEMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay {decay} must be in [0, 1)")
         self.decay, self.warmup, self.step = float(decay), bool(warmup), -1
-        self.params: dict[str, torch.Tensor] = {}
-        names = {id(p): n for n, p in module.named_parameters()}
         with torch.no_grad():
-            for _, own in _leaf_modules(module):
-                with _gathered(own):
-                    for p in own:
-                        self.params[names[id(p)]] = p.detach().float().clone()
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.copy_buffers_from(module)
+            self.params = {name: p.detach().float().clone() for name, p in _whole_parameters(module)}
+        self.copy_buffers_from(module)  # sets self.buffers
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         """Average in the module's current weights; ``step`` = generator steps before this one.
         Collective under ZeRO-3: every rank must call it."""
         d = effective_decay(self.decay, step, self.warmup)
-        names = {id(p): n for n, p in module.named_parameters()}
-        for _, own in _leaf_modules(module):
-            with _gathered(own):
-                for p in own:
-                    self.params[names[id(p)]].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        for name, p in _whole_parameters(module):
+            self.params[name].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
         self.step = step
 
     @torch.no_grad()
