@@ -103,10 +103,12 @@ def test_time_limit_checkpoint_requeue_resume(slurm_workdir, shards):
     """A 1-minute limit with the signal 20 s before it: interrupted, requeued, resumed, finished.
 
     slurmctld checks time limits every 30 s, so the signal comes 10-40 s after each start: a run
-    trains at most ~28 s (after ~12 s of start-up), less than the ~40 s that 800 steps need. Up to
-    30 requeues leave room for a machine slowed by other work (each run then trains less).
+    trains at most ~28 s (after ~12 s of start-up). On a quiet machine that is as much as 800
+    steps (seen: a single run finished them before the signal), so 1600 steps make at least one
+    requeue certain. Up to 30 requeues leave room for a machine slowed by other work (each run
+    then trains less).
     """
-    steps = 800
+    steps = 1600
     done = submit(slurm_workdir, shards, "requeue", "--variant", "sn", "--nodes", "1", "--tasks-per-node", "1",
                   "--time", "1", "--set", "cluster.signal_delay_s=20", "--set", "cluster.max_requeues=30",
                   "--set", f"train.max_steps={steps}", "--set", "train.log_every=50",
