@@ -19,9 +19,26 @@ def new_figure(figsize: tuple[float, float], dpi: int = 100):
 
 def save_png(fig, path: str | os.PathLike, **savefig_options) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parents created) atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", **savefig_options)
-    os.replace(tmp, path)
-    return path
+    from hpc_gan.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_options)
+    return Path(path)
+
+
+def save_axial_mip_png(image, label, spacing, path: str | os.PathLike) -> Path:
+    """Axial maximum-intensity projections of an (x, y, z) image and its vessel label side by side.
+
+    Args:
+        image, label: (x, y, z) arrays of one volume.
+        spacing: voxel size in mm (x, y, z); sets the aspect ratio.
+        path: the PNG to write.
+    """
+    fig = new_figure((9, 4.8))
+    for ax, vol, title in zip(fig.subplots(1, 2), (image, label), ("image", "vessel label")):
+        # Transposed with origin lower: x (right) across, y (anterior) up, as seen from above.
+        ax.imshow(vol.max(axis=2).T, origin="lower", cmap="gray", aspect=spacing[1] / spacing[0],
+                  interpolation="nearest")
+        ax.set(title=f"axial MIP, {title}", xlabel="x (R)", ylabel="y (A)")
+    fig.tight_layout()
+    return save_png(fig, path)

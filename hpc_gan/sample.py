@@ -48,7 +48,8 @@ import torch
 
 import hpc_gan
 from hpc_gan.data.manifest import MANIFEST, load_manifest, write_manifest
-from hpc_gan.data.nifti import file_sha256, save_nifti
+from hpc_gan.data.nifti import save_nifti
+from hpc_gan.io import file_sha256, write_json_atomic
 from hpc_gan.data.phantom import mip
 from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
 from hpc_gan.plots import new_figure, save_png
@@ -509,7 +510,5 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
         sampling["sha256"] = sampling.pop("generator_sha256")
         write_hdf5(keep, out, voxel, threshold, sampling)
     keep.save(out, threshold, voxel)
-    tmp = out / f".{SAMPLES_JSON}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / SAMPLES_JSON)
+    write_json_atomic(out / SAMPLES_JSON, record)
     return {**record, "out": str(out), "montage": str(out / "montage.png"), "mip": str(out / "mip.png")}

@@ -173,19 +173,6 @@ def test_write_refuses_existing_dataset_unless_overwrite(tmp_path):
 
 
 @pytest.mark.unit
-def test_interrupted_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    from hpc_gan.data import phantom
-
-    def crash(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(phantom.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        phantom._atomic_write(str(tmp_path / "sub-000.nii.gz"), b"payload")
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.unit
 def test_workers_write_the_same_bytes_as_one_process(tmp_path):
     write_phantom_dataset(tmp_path / "one", 2, shape=(32, 32, 16), mip_png=False)
     write_phantom_dataset(tmp_path / "two", 2, shape=(32, 32, 16), mip_png=False, workers=2)

@@ -12,6 +12,7 @@ import torch
 
 from hpc_gan.config import describe, load_config
 from hpc_gan.errors import CheckpointError, ConfigError
+from hpc_gan.io import torch_save_atomic
 from hpc_gan.models import Generator
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train.ema import GeneratorEMA, averaged_generator, effective_decay, for_run
@@ -77,7 +78,7 @@ def test_state_dict_round_trip_is_exact(tmp_path):
     ema = GeneratorEMA(g, 0.9, warmup=True)
     _set(g, 0.3)
     ema.update(g, 0)
-    ckpt.save_atomic(ema.state_dict(), tmp_path / ckpt.EMA)
+    torch_save_atomic(ema.state_dict(), tmp_path / ckpt.EMA)
     other = for_run(0.9, True, _small_generator(seed=1), tmp_path / ckpt.EMA)
     assert other.step == 0 and other.decay == 0.9 and other.warmup
     for name, value in ema.params.items():
@@ -96,7 +97,7 @@ def test_for_run_off_missing_file_and_changed_decay(tmp_path, caplog):
         ema = for_run(0.99, False, g, tmp_path / "missing.pt")
     assert "starts from the resumed weights" in caplog.text
     assert all(torch.equal(ema.params[n], p) for n, p in g.named_parameters())
-    ckpt.save_atomic(ema.state_dict(), tmp_path / ckpt.EMA)
+    torch_save_atomic(ema.state_dict(), tmp_path / ckpt.EMA)
     with caplog.at_level(logging.WARNING):
         changed = for_run(0.9, True, g, tmp_path / ckpt.EMA)
     assert changed.decay == 0.9 and "continuing with decay 0.9" in caplog.text

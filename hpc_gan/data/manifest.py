@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_gan.data.nifti import file_sha256
+from hpc_gan.io import file_sha256, write_text_atomic
 from hpc_gan.data.shards import FORMAT_VERSION
 from hpc_gan.errors import DataError
 
@@ -65,11 +65,7 @@ class Manifest:
 
 def write_manifest(root: str | os.PathLike, data: dict) -> Path:
     """Write ``manifest.json`` atomically; returns its path."""
-    path = Path(root) / MANIFEST
-    tmp = path.with_name("." + MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(root) / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def load_manifest(root: str | os.PathLike) -> Manifest:

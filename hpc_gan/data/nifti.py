@@ -8,7 +8,7 @@ are never copied.
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from hpc_gan.errors import DataError
+from hpc_gan.io import write_bytes_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Suffixes that name the role of a file rather than the subject: sub-001_label.nii.gz -> sub-001.
@@ -125,28 +126,21 @@ def check_same_grid(reference: Volume, other: Volume) -> None:
         raise DataError(f"'{other.path}' and '{reference.path}' have different affines; resample them onto one grid before packing")
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, is_label: bool = False) -> None:
+    """Write a volume with a fresh, geometry-only header (nothing identifying), atomically.
 
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a volume with a fresh, geometry-only header, atomically.
+    The bytes depend only on the arguments (gzip mtime 0), so the same volume gives the same file.
 
     Args:
         array: (x, y, z) data; its dtype is kept.
-        affine: 4x4 voxel-to-mm matrix.
+        affine: 4x4 voxel-to-mm matrix, stored as both qform and sform (code 1, scanner).
         path: destination ``.nii.gz``; written to a temporary name first, then renamed.
+        is_label: mark the file's intent as a label map.
     """
-    path = Path(path)
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(".tmp-" + path.name)
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    if is_label:
+        img.header.set_intent("label")
+    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=4, mtime=0))

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import hpc_gan
 from hpc_gan.data import manifest as mf
-from hpc_gan.data.nifti import check_same_grid, file_sha256, list_nifti, load_volume
+from hpc_gan.data.nifti import check_same_grid, list_nifti, load_volume
+from hpc_gan.io import file_sha256
 from hpc_gan.data.patches import SamplingPlan, extract, minmax_normalise, plan_origins
 from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
 from hpc_gan.errors import DataError

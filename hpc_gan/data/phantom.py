@@ -8,19 +8,20 @@ to fill the field of view; vessel radii are in voxels and do not scale with it.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import logging
 import math
 import multiprocessing
 import os
 import re
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 from scipy import ndimage
+
+from hpc_gan.data.nifti import save_nifti
+from hpc_gan.plots import save_axial_mip_png
 
 log = logging.getLogger(__name__)
 
@@ -440,50 +441,7 @@ def _write_subject(job) -> str:
     ph = make_phantom(shape, spacing, np.random.SeedSequence([seed, index]))
     for sub, array in (("labels", ph.label), ("masks", ph.mask), ("images", ph.image)):
         path = os.path.join(out_dir, sub, sid + ".nii.gz")
-        _save_nifti(array, ph.affine, path, is_label=sub != "images")
+        save_nifti(array, ph.affine, path, is_label=sub != "images")
     if want_png:
-        _save_mip_png(ph, spacing, os.path.join(out_dir, f"mip_{sid}.png"))
+        save_axial_mip_png(ph.image, ph.label, spacing, os.path.join(out_dir, f"mip_{sid}.png"))
     return sid
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str, is_label: bool) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)          # a fresh header: nothing identifying in it
-    img.set_qform(affine, code="scanner")
-    img.set_sform(affine, code="scanner")
-    img.header.set_xyzt_units("mm")
-    if is_label:
-        img.header.set_intent("label")
-    # mtime=0 keeps the bytes reproducible for the same seed.
-    _atomic_write(path, gzip.compress(img.to_bytes(), compresslevel=4, mtime=0))
-
-
-def _save_mip_png(ph: Phantom, spacing, path: str) -> None:
-    from hpc_gan.plots import new_figure, save_png
-
-    fig = new_figure((9, 4.8))
-    for ax, vol, title in zip(fig.subplots(1, 2), (ph.image, ph.label), ("image", "vessel label")):
-        # Transposed with origin lower: x (right) across, y (anterior) up, as seen from above.
-        ax.imshow(mip(vol).T, origin="lower", cmap="gray", aspect=spacing[1] / spacing[0],
-                  interpolation="nearest")
-        ax.set(title=f"axial MIP, {title}", xlabel="x (R)", ylabel="y (A)")
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Writes a hidden temporary in the same directory, then renames: never a half file at path."""
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -21,13 +21,13 @@ systems often do not support it).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import h5py
 import hdf5plugin
 import numpy as np
 
 from hpc_gan.errors import DataError
+from hpc_gan.io import atomic_path
 
 FORMAT_VERSION = 1
 COMPRESSIONS = ("lzf", "gzip", "none", "blosc")
@@ -58,10 +58,8 @@ def write_shard(path: str | os.PathLike, arrays: dict[str, np.ndarray], compress
         compression: one of :data:`COMPRESSIONS`.
         attrs: extra file attributes (e.g. split and shard index).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     options = compression_options(compression)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", locking=False) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             for key, value in (attrs or {}).items():
@@ -73,10 +71,6 @@ def write_shard(path: str | os.PathLike, arrays: dict[str, np.ndarray], compress
             f.create_dataset("subject", data=np.asarray(arrays["subject"], dtype="S"))
             f.create_dataset("origin", data=np.asarray(arrays["origin"], dtype=np.int32))
             f.create_dataset("kind", data=np.asarray(arrays["kind"], dtype=np.uint8))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def open_shard(path: str | os.PathLike) -> h5py.File:

@@ -309,8 +309,8 @@ def reference_segmenter(real_root: str, split: str = "train", *, cache_dir: str 
     train = {k: settings[k] for k in ("steps", "batch", "lr", "channels")}
     model = train_reference_segmenter(dataset, seed=seed, device=device, **train)
     if path is not None:
-        from hpc_gan.train.checkpoint import save_atomic
+        from hpc_gan.io import torch_save_atomic
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return model, identity

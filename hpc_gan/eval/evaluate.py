@@ -275,15 +275,15 @@ def label_figures(sets: EvalSets, out: Path) -> dict:
 
 def write_report(report: dict, out: Path) -> None:
     from hpc_gan.eval.prd import plot_prd
-    from hpc_gan.train.checkpoint import write_atomic
+    from hpc_gan.io import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     curves = {name.replace("_reference", ""): (v["precision"], v["recall"]) for name, v in report["prd"].items()
               if name.endswith("_reference") and "precision" in v}
     if curves:
         plot_prd(curves, out / "prd.png", title="PRD, reference preset (generated and held-out vs real)")
-    write_atomic(out / "report.json", json.dumps(finite_or_none(report), indent=1))
-    write_atomic(out / "report.md", markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(finite_or_none(report), indent=1))
+    write_text_atomic(out / "report.md", markdown(report))
 
 
 def finite_or_none(value):

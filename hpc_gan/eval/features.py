@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hpc_gan.data.dataset import RankShare
+from hpc_gan.io import savez_atomic
 from hpc_gan.models.resnet3d import medicalnet_normalise
 
 __all__ = ["RealStatsCache", "extract_features", "gather_features", "noise_generator"]
@@ -256,15 +257,4 @@ class RealStatsCache:
         Returns:
             The written path.
         """
-        path = self.path(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **{name: np.asarray(a) for name, a in arrays.items()})
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return savez_atomic(self.path(key), arrays)

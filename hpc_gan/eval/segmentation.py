@@ -38,8 +38,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -47,6 +45,7 @@ from scipy import ndimage
 from hpc_gan.data.phantom import mip
 from hpc_gan.plots import new_figure, save_png
 from hpc_gan.errors import DataError
+from hpc_gan.io import write_text_atomic
 
 INTRACRANIAL = "intracranial_"
 METRICS = ("dsc", "bavd_voxels", "bavd_mm")
@@ -354,7 +353,4 @@ def write_csv(rows: list[dict], path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from hpc_gan.data.nifti import file_sha256
+from hpc_gan.io import file_sha256, write_text_atomic
 from hpc_gan.errors import CheckpointError, LaunchError
 from hpc_gan.launch.status import error_line
 from hpc_gan.train import checkpoint as ckpt
@@ -257,7 +257,7 @@ def install(fetch: Fetch, generator: str, config: str, dest: Path, variant: str,
                 raise CheckpointError(f"the copy of '{generator}' does not match its SHA-256 (source or transfer "
                                       "damaged); the copy was deleted, pull again")
             os.replace(temps[2], target)
-        ckpt.write_atomic(sidecar_of(target), f"{digest}  {target.name}\n")
+        write_text_atomic(sidecar_of(target), f"{digest}  {target.name}\n")
         os.replace(temps[1], config_target)
     finally:
         for temp in temps:

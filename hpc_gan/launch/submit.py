@@ -27,6 +27,7 @@ from hpc_gan import config as config_mod
 from hpc_gan.cli_types import positive_int
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.errors import LaunchError
+from hpc_gan.io import write_text_atomic
 from hpc_gan.launch.slurm_params import slurm_parameters
 from hpc_gan.plan import DEFAULT_GPU_MEMORY_GB, fit_warnings, positive_float
 from hpc_gan.train import checkpoint as ckpt
@@ -198,7 +199,7 @@ def submit_array(tasks: list[tuple[PlannedRun, object]], cluster: str, record_fi
     with executor.batch():
         jobs = [executor.submit(job) for _, job in tasks]
     record = jobs_record(runs, jobs, cluster, experiment / "logs")
-    ckpt.write_atomic(experiment / record_file, json.dumps(record, indent=1))
+    write_text_atomic(experiment / record_file, json.dumps(record, indent=1))
     print_submitted(record, experiment)
     return jobs
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpc_gan.data.nifti import file_sha256
+from hpc_gan.io import file_sha256
 from hpc_gan.errors import CheckpointError, ConfigError
 
 __all__ = [

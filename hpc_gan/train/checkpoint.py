@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 
 from hpc_gan.errors import CheckpointError
+from hpc_gan.io import write_text_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -107,30 +108,15 @@ def set_rng_state(state: dict, generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def mark_complete(root: Path, tag: str) -> None:
     """Rank 0, after every rank has written: COMPLETE, then the ``latest`` pointer."""
-    write_atomic(root / tag / COMPLETE, "")
-    write_atomic(root / LATEST, tag + "\n")
+    write_text_atomic(root / tag / COMPLETE, "")
+    write_text_atomic(root / LATEST, tag + "\n")
 
 
 def mark_best(root: Path, tag: str) -> None:
     """Rank 0, after :func:`mark_complete` of ``tag``: ``best`` names it (lowest FID so far)."""
-    write_atomic(root / BEST, tag + "\n")
+    write_text_atomic(root / BEST, tag + "\n")
 
 
 def best_tag(root: str | os.PathLike) -> str | None:

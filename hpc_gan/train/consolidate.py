@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hpc_gan.config import from_dict
-from hpc_gan.data.nifti import file_sha256
+from hpc_gan.io import file_sha256, torch_save_atomic, write_text_atomic
 from hpc_gan.errors import CheckpointError
 from hpc_gan.models import Generator
 from hpc_gan.train import checkpoint as ckpt
@@ -78,8 +78,8 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
                "privacy": state.get("privacy"), "state_dict": _fp32(weights), "ema": _ema(where)}
     out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save_atomic(payload, out)
-    ckpt.write_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
+    torch_save_atomic(payload, out)
+    write_text_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
     return out
 
 

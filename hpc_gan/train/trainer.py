@@ -23,6 +23,7 @@ from hpc_gan import dist as hdist
 from hpc_gan.config import RunConfig, save_config, to_dict
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
+from hpc_gan.io import torch_save_atomic, write_text_atomic
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train import ema as gen_ema
@@ -259,12 +260,12 @@ class TrainingLoop:
         if self.env.rank == 0:
             torch.save(self._buffers(), where / ckpt.BUFFERS)
             if self.ema is not None:
-                ckpt.save_atomic(self.ema.state_dict(), where / ckpt.EMA)
+                torch_save_atomic(self.ema.state_dict(), where / ckpt.EMA)
             state = {"step": self.step, "epoch": self.epoch, "variant": self.cfg.variant,
                      "world_size": self.env.world_size, "precision": self.precision,
                      "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
                      **self._state_extra(), **({"eval": evaluated} if evaluated else {}), "saved": time.time()}
-            ckpt.write_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
+            write_text_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
         hdist.barrier()
         if self.env.rank == 0:
             ckpt.mark_complete(self.ckpt_root, tag)
@@ -428,4 +429,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    ckpt.write_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
