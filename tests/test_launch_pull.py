@@ -148,7 +148,7 @@ class FakeRemote:
 
     def __call__(self, argv):
         self.calls.append(argv)
-        if argv[0] == "ssh" and "-m hpc_gan consolidate" in argv[2]:
+        if argv[0] == "ssh" and "-m hpc_gan consolidate" in argv[-1]:
             if self.consolidate_rc:
                 stderr = ("Traceback (most recent call last):\n  File 'x'\n"
                           "ModuleNotFoundError: No module named 'hpc_gan'\n")
@@ -173,22 +173,25 @@ def test_remote_pull_consolidates_then_transfers(tmp_path):
     assert (got.variant, got.tag, got.consolidated) == ("sn", TAG, True)
     assert got.generator.read_bytes() == b"remote weights"
     probe, consolidate, *transfers = fake.calls
-    assert probe[:2] == ["ssh", "me@login"] and probe[2].startswith("cd /scratch/runs/exp1/sn/ && test -d checkpoints")
-    assert consolidate == ["ssh", "me@login", "cd /scratch/runs/exp1/sn/ && /scratch/venv/bin/python -m hpc_gan "
-                           f"consolidate . --tag {TAG}"]
+    assert probe[:3] == ["ssh", "--", "me@login"]
+    assert probe[3].startswith("cd -- /scratch/runs/exp1/sn/ && test -d checkpoints")
+    assert consolidate == ["ssh", "--", "me@login", "cd -- /scratch/runs/exp1/sn/ && /scratch/venv/bin/python -m "
+                           f"hpc_gan consolidate . --tag {TAG}"]
     base = "me@login:/scratch/runs/exp1/sn/consolidated/generator-step-00000004.pt"
     models = tmp_path / "models"
     assert transfers == [
-        ["rsync", "--times", base + ".sha256", str(models / f".sn-generator-{TAG}.pt.sha256.partial")],
-        ["rsync", "--times", "me@login:/scratch/runs/exp1/sn/config.yaml", str(models / ".sn-config.yaml.partial")],
-        ["rsync", "--times", base, str(models / f".sn-generator-{TAG}.pt.partial")]]
+        ["rsync", "--times", "--protect-args", "--", base + ".sha256",
+         str(models / f".sn-generator-{TAG}.pt.sha256.partial")],
+        ["rsync", "--times", "--protect-args", "--", "me@login:/scratch/runs/exp1/sn/config.yaml",
+         str(models / ".sn-config.yaml.partial")],
+        ["rsync", "--times", "--protect-args", "--", base, str(models / f".sn-generator-{TAG}.pt.partial")]]
 
 
 def test_remote_pull_already_consolidated_uses_scp(tmp_path):
     fake = FakeRemote(probe=f"tag={TAG}\ncomplete\nconsolidated\n")
     got = pull.pull("login:runs/exp1/sn", tmp_path / "models", runner=fake, via="scp")
     assert not got.consolidated and [call[0] for call in fake.calls] == ["ssh", "scp", "scp", "scp"]
-    assert fake.calls[1][:3] == ["scp", "-p", "-q"]
+    assert fake.calls[1][:4] == ["scp", "-p", "-q", "--"]
 
 
 def test_remote_transfer_checksum_mismatch(tmp_path):
@@ -229,7 +232,7 @@ def test_remote_failures_are_one_line(tmp_path):
 
 def test_probe_script_and_quoting():
     script = pull.probe_script("~/runs/my exp/sn", None)
-    assert script.startswith("cd ~/'runs/my exp/sn' && test -d checkpoints && { t=$(cat checkpoints/latest")
+    assert script.startswith("cd -- ~/'runs/my exp/sn' && test -d checkpoints && { t=$(cat checkpoints/latest")
     assert "t='step-1; rm -rf /'" in pull.probe_script("/r", "step-1; rm -rf /")
 
 
@@ -251,9 +254,9 @@ def test_existing_local_path_with_a_colon_stays_local(tmp_path, monkeypatch):
 
 def test_transfer_argv():
     assert pull.transfer_argv("h", "/r/x.pt", Path("/d/.x.partial"), "rsync") == \
-        ["rsync", "--times", "h:/r/x.pt", "/d/.x.partial"]
+        ["rsync", "--times", "--protect-args", "--", "h:/r/x.pt", "/d/.x.partial"]
     assert pull.transfer_argv("h", "/r/x.pt", Path("/d/.x.partial"), "scp") == \
-        ["scp", "-p", "-q", "h:/r/x.pt", "/d/.x.partial"]
+        ["scp", "-p", "-q", "--", "h:/r/x.pt", "/d/.x.partial"]
     with pytest.raises(LaunchError, match="unknown transfer tool"):
         pull.transfer_argv("h", "/r", Path("/d"), "ftp")
 
@@ -286,3 +289,54 @@ def test_probe_script_in_a_real_shell(tmp_path, latest, tag, expected):
     assert done.returncode == 0 and " ".join(done.stdout.split()) == expected
     missing = subprocess.run(["sh", "-c", pull.probe_script(str(tmp_path / "nope"), None)], capture_output=True)
     assert missing.returncode != 0
+
+
+# ---------------------------------------------------------------------------- argument injection
+
+
+@pytest.mark.parametrize("source", ["-oProxyCommand=id:/runs/sn", "-Fcfg:/runs/sn"])
+def test_host_beginning_with_a_dash_is_refused(tmp_path, source):
+    def never(argv):
+        pytest.fail(f"ran {argv}")
+
+    with pytest.raises(LaunchError, match="begins with '-', which ssh would read as an option"):
+        pull.pull(source, tmp_path / "models", runner=never)
+    with pytest.raises(LaunchError, match="begins with '-'"):
+        pull.transfer_argv("-oProxyCommand=x", "/r", Path("/d"), "rsync")
+
+
+def test_operands_cannot_become_options():
+    """`--` ends each tool's options; a relative remote name beginning with '-' gets './'."""
+    assert pull.ssh_argv("login", "true") == ["ssh", "--", "login", "true"]
+    assert pull.transfer_argv("h", "-e x", Path("-local"), "rsync")[-3:] == ["--", "h:./-e x", "-local"]
+    assert pull.transfer_argv("h", "~/runs/x.pt", Path("/d"), "rsync")[-2] == "h:runs/x.pt"  # home-relative
+    assert pull.probe_script("-x", None).startswith("cd -- -x && ")
+
+
+@pytest.mark.parametrize("path", ["/runs/a;touch X;/x.pt", "/runs/my exp/x.pt", "/runs/$(id)/x.pt", "/r/`id`",
+                                  "/r/a'b"])
+def test_scp_refuses_paths_the_remote_shell_would_read(path):
+    with pytest.raises(LaunchError, match="use --via rsync"):
+        pull.transfer_argv("h", path, Path("/d"), "scp")
+    assert pull.transfer_argv("h", path, Path("/d"), "rsync")[-2] == f"h:{path}"  # rsync protects it
+
+
+def test_rsync_old_args_cannot_run_a_command_on_the_remote_side(tmp_path, monkeypatch):
+    """The real rsync, with its old argument handling forced (RSYNC_OLD_ARGS=1) and a stand-in
+    for ssh that hands the remote command to a shell as sshd does: the path is copied, nothing runs."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed")
+    remote = tmp_path / "remote" / "a;touch INJECTED;b"
+    remote.mkdir(parents=True)
+    (remote / "x.pt").write_bytes(b"weights")
+    fake_ssh = tmp_path / "fake_ssh"
+    fake_ssh.write_text('#!/bin/sh\nshift\ncd "$FAKE_HOME" && exec sh -c "$*"\n')  # drop the host, as sshd does
+    fake_ssh.chmod(0o755)
+    monkeypatch.setenv("RSYNC_RSH", str(fake_ssh))
+    monkeypatch.setenv("RSYNC_OLD_ARGS", "1")
+    monkeypatch.setenv("FAKE_HOME", str(tmp_path / "remote"))
+    monkeypatch.chdir(tmp_path / "remote")
+    done = pull.run_argv(pull.transfer_argv("fakehost", "~/a;touch INJECTED;b/x.pt", tmp_path / "copy", "rsync"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "copy").read_bytes() == b"weights"
+    assert not list(tmp_path.rglob("INJECTED"))

@@ -39,6 +39,8 @@ from hpc_gan.launch.status import error_line
 from hpc_gan.train import checkpoint as ckpt
 
 REMOTE = re.compile(r"^(?P<host>[^/:\s]+):(?P<path>.+)$")
+# Remote paths that a POSIX shell and a literal reader take the same way (what scp may carry).
+SHELL_NEUTRAL = re.compile(r"^(~/)?[\w@%+=:,./-]+$", re.ASCII)
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # The remote twin of checkpoint.newest_complete(): `latest` if COMPLETE, else the highest
 # step-* with COMPLETE (ls sorts step-%08d numerically).
@@ -78,8 +80,15 @@ class Pulled:
 
 
 def parse_source(text: str) -> Source:
-    """``host:path`` or ``user@host:path`` -> remote; anything else, or an existing local path, -> local."""
+    """``host:path`` or ``user@host:path`` -> remote; anything else, or an existing local path, -> local.
+
+    Raises:
+        LaunchError: the host begins with ``-`` (ssh, rsync and scp would take it for an option).
+    """
     match = None if Path(text).exists() else REMOTE.match(text)
+    if match and match["host"].startswith("-"):
+        raise LaunchError(f"host '{match['host']}' of '{text}' begins with '-', which ssh would read as an option; "
+                          "give a host name, user@host or an address")
     return Source(match["host"], match["path"]) if match else Source(None, text)
 
 
@@ -123,24 +132,41 @@ def remote_quote(path: str) -> str:
 
 
 def ssh_argv(host: str, script: str) -> list[str]:
-    return ["ssh", host, script]
+    """argv running ``script`` in ``host``'s shell; ``--`` ends ssh's options before the host."""
+    return ["ssh", "--", host, script]
 
 
 def transfer_argv(host: str, remote_path: str, local_path: Path, tool: str) -> list[str]:
-    """argv copying ``host:remote_path`` to ``local_path``.
+    """argv copying ``host:remote_path`` to ``local_path`` (see the module docstring on quoting).
 
     Args:
+        host: ``[user@]host``, not beginning with ``-``.
+        remote_path: the file on ``host``; ``~/`` at its start means the remote home directory.
+        local_path: where the copy goes.
         tool: ``rsync`` or ``scp``.
+
+    Raises:
+        LaunchError: unknown tool; a host beginning with ``-``; for scp, a path that the remote
+            shell would read differently from scp's SFTP protocol.
 
     Example:
         >>> transfer_argv("login", "/runs/sn/config.yaml", Path("/tmp/x"), "scp")
-        ['scp', '-p', '-q', 'login:/runs/sn/config.yaml', '/tmp/x']
+        ['scp', '-p', '-q', '--', 'login:/runs/sn/config.yaml', '/tmp/x']
     """
-    remote = f"{host}:{remote_path}"
+    if host.startswith("-"):
+        raise LaunchError(f"host '{host}' begins with '-', which ssh would read as an option")
+    # Both tools start a remote session in the home directory, so "~/x" is "x"; "./" keeps a
+    # relative name that begins with "-" from being read as an option by the remote side.
+    path = remote_path[2:] if remote_path.startswith("~/") else remote_path
+    path = "./" + path if path.startswith("-") else path
     if tool == "rsync":
-        return ["rsync", "--times", remote, str(local_path)]
+        return ["rsync", "--times", "--protect-args", "--", f"{host}:{path}", str(local_path)]
     if tool == "scp":
-        return ["scp", "-p", "-q", remote, str(local_path)]
+        if not SHELL_NEUTRAL.match(remote_path):
+            raise LaunchError(f"remote path '{remote_path}' holds characters that scp hands to the remote shell "
+                              "on some OpenSSH versions and not on others; use --via rsync (which protects "
+                              "them) or a path of letters, digits and @%+=:,./_-")
+        return ["scp", "-p", "-q", "--", f"{host}:{path}", str(local_path)]
     raise LaunchError(f"unknown transfer tool '{tool}'; use rsync or scp")
 
 
@@ -185,7 +211,7 @@ def consolidate_local(run_dir: Path, tag: str) -> Path:
 def probe_script(path: str, tag: str | None) -> str:
     """Remote shell text printing ``tag=<tag>``, then ``complete`` and ``consolidated`` when true."""
     pick = f"t={shlex.quote(tag)}" if tag else NEWEST_COMPLETE_SH
-    return (f'cd {remote_quote(path)} && test -d checkpoints && {{ {pick}; }} && echo "tag=$t" && '
+    return (f'cd -- {remote_quote(path)} && test -d checkpoints && {{ {pick}; }} && echo "tag=$t" && '
             '{ test -f "checkpoints/$t/COMPLETE" && echo complete; test -f "consolidated/generator-$t.pt" && '
             'test -f "consolidated/generator-$t.pt.sha256" && echo consolidated; true; }')
 
@@ -204,7 +230,7 @@ def prepare_remote(source: Source, tag: str | None, remote_python: str, runner: 
                               "stopped while saving); pick another --tag")
     if "consolidated" in words:
         return found, False
-    script = (f"cd {remote_quote(source.path)} && {remote_python} -m hpc_gan consolidate . "
+    script = (f"cd -- {remote_quote(source.path)} && {remote_python} -m hpc_gan consolidate . "
               f"--tag {shlex.quote(found)}")
     checked(runner(ssh_argv(source.host, script)), f"consolidating {found} on {source.host}")
     return found, True
