@@ -35,9 +35,11 @@ CONFIG_DIR_ENV = "HPC_GAN_CONFIG_DIR"
 _REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """Declare a config field with its documentation and optional inclusive bounds."""
-    meta = {"doc": doc, "min": min, "max": max}
+def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+        below: float | None = None) -> Any:
+    """Declare a config field with its documentation, optional inclusive bounds ``min``/``max``
+    and an optional exclusive upper bound ``below`` (every item of a tuple is checked)."""
+    meta = {"doc": doc, "min": min, "max": max, "below": below}
     if isinstance(default, (list, dict)):
         raise TypeError("mutable defaults are not allowed in config fields")
     return field(default=default, metadata=meta)
@@ -86,7 +88,9 @@ class TrainConfig:
     n_critic: int = opt(1, "Critic steps per generator step.", min=1)
     lr_critic: float = opt(4e-4, "Adam learning rate of the critic.", min=0.0)
     lr_generator: float = opt(2e-4, "Adam learning rate of the generator.", min=0.0)
-    betas: tuple[float, float] = opt((0.0, 0.9), "Adam betas for both networks.", min=0.0, max=1.0)
+    betas: tuple[float, float] = opt(
+        (0.0, 0.9), "Adam betas for both networks; each in [0, 1) as torch.optim.Adam requires.", min=0.0, below=1.0
+    )
     gp_weight: float = opt(10.0, "Gradient-penalty weight lambda; 0 disables the penalty.", min=0.0)
     gp_mode: Literal["per_sample", "batch"] = opt(
         "per_sample",
@@ -494,7 +498,7 @@ def _coerce_scalar(value: Any, kind: type, dotted: str) -> Any:
 
 
 def _check_range(value: Any, f: dataclasses.Field, dotted: str) -> Any:
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    lo, hi, below = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("below")
     for item in value if isinstance(value, tuple) else (value,):
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             continue
@@ -504,6 +508,9 @@ def _check_range(value: Any, f: dataclasses.Field, dotted: str) -> Any:
             raise ConfigError(f"{dotted}={_show(value)} is out of range: must be >= {lo}")
         if hi is not None and item > hi:
             raise ConfigError(f"{dotted}={_show(value)} is out of range: must be <= {hi}")
+        if below is not None and item >= below:
+            each = "each value " if isinstance(value, tuple) else ""
+            raise ConfigError(f"{dotted}={_show(value)} is out of range: {each}must be < {below}")
     return value
 
 

@@ -57,7 +57,10 @@ def test_tuple_override_forms():
     ("train.offload_optimizer=maybe", ["train.offload_optimizer", "expected bool"]),
     ("model.patch_shape=64,64", ["model.patch_shape", "expected 3 values"]),
     ("model.patch_shape=40,64,32", ["model.patch_shape", "not divisible by 16"]),
-    ("train.betas=0.5,1.5", ["train.betas", "<= 1"]),
+    ("train.betas=0.5,1.5", ["train.betas=0.5,1.5", "each value must be < 1.0"]),
+    ("train.betas=1.0,0.9", ["train.betas=1.0,0.9", "each value must be < 1.0"]),  # torch's Adam refuses 1.0
+    ("train.betas=0.0,1.0", ["train.betas=0.0,1.0", "each value must be < 1.0"]),
+    ("train.betas=-0.1,0.9", ["train.betas=-0.1,0.9", ">= 0.0"]),
     ("train", ["not of the form section.key=value"]),
     ("train.lr_critic=nan", ["train.lr_critic", "not a finite number"]),
     ("train.gp_weight=.inf", ["train.gp_weight", "not a finite number"]),
@@ -112,3 +115,12 @@ def test_every_field_is_documented():
 def test_run_dir():
     cfg = config.load_config("gp", overrides=["name=exp1", "output_root=/scratch/runs"])
     assert str(cfg.run_dir) == "/scratch/runs/exp1/gp"
+
+
+def test_every_accepted_beta_is_accepted_by_torch():
+    """The config's range is torch.optim.Adam's: what passes validation never fails later."""
+    import torch
+
+    for betas in ("0.0,0.0", "0.5,0.999999", "0.9999,0.9"):
+        cfg = config.load_config("sn", overrides=[f"train.betas={betas}"])
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=cfg.train.betas)
