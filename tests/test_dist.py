@@ -339,3 +339,40 @@ def test_two_ranks_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(dist.free_port()), str(script)]
     _run_two_ranks(command, _clean_env())
+
+
+ERROR_EXIT_SCRIPT = """
+import os, sys
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch, torch.distributed as td
+from hpc_gan import dist
+env = dist.detect()
+dist.init_process_group(env, backend="gloo", timeout_s=60)
+t = torch.ones(1)
+td.all_reduce(t)
+print(f"error: rank {env.rank}: a user error after joining the group", file=sys.stderr, flush=True)
+sys.exit(2)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_a_rank_that_exits_after_joining_the_group_never_aborts(tmp_path):
+    """Leaving the gloo group to interpreter teardown aborted about 1 rank-exit in 20 with
+    "terminate called without an active exception" (exit 134); init_process_group now registers
+    its destruction at exit. 12 two-rank launches: each rank must exit with its own status, 2."""
+    script = tmp_path / "rank.py"
+    script.write_text(ERROR_EXIT_SCRIPT)
+    env = _clean_env()
+    failures = []
+    for attempt in range(12):
+        port = str(dist.free_port())
+        ranks = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                  env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                       "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                 for r in (0, 1)]
+        for rank, proc in enumerate(ranks):
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode != 2 or "terminate called" in err:
+                failures.append(f"launch {attempt} rank {rank}: exit {proc.returncode}: {err.strip()[-300:]}")
+    assert not failures, failures

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        dist.shutdown()  # never leave the process group to interpreter teardown (it may abort)
     return 0
 
 
