@@ -118,6 +118,20 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(
         10, "bf16/fp32: stop the run after this many consecutive non-finite losses.", min=1
     )
+    divergence_lipschitz: float = opt(
+        100.0, "Stop a diverging run: a logging window is out of bounds when the critic's Wasserstein estimate |W| "
+        "exceeds this many data diameters (2*sqrt(2*X*Y*Z), the farthest two patches in [-1, 1] can be; a "
+        "1-Lipschitz critic keeps |W| below one diameter). 0 = off. See hpc_gan/train/guards.py.", min=0.0
+    )
+    divergence_max_running_var: float = opt(
+        65504.0 ** 2, "Stop a diverging run: a logging window is also out of bounds when a generator BatchNorm "
+        "running_var exceeds this (default 65504^2: activations whose std exceeds fp16's largest number). 0 = off.",
+        min=0.0
+    )
+    divergence_windows: int = opt(
+        3, "Consecutive out-of-bounds logging windows (train.log_every steps each) that stop the run; no periodic "
+        "checkpoint is written while the last window was out of bounds.", min=1
+    )
     seed: int = opt(0, "Seed of the model init, latents, penalty interpolation and data order.", min=0)
     log_every: int = opt(50, "Steps between progress lines and metrics records.", min=1)
     image_every: int = opt(500, "Steps between sample slices written to TensorBoard; 0 = never.", min=0)

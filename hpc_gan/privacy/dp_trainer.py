@@ -141,6 +141,9 @@ class DPTrainer(TrainingLoop):
     def generator_module(self) -> torch.nn.Module:
         return self.generator
 
+    def _checked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.generator, "critic": self.private.critic}
+
     @property
     def epoch(self) -> int:
         """Expected passes over the data so far (q x critic steps)."""

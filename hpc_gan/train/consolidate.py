@@ -33,6 +33,7 @@ from hpc_gan.io import file_sha256, torch_save_atomic, write_text_atomic
 from hpc_gan.errors import CheckpointError
 from hpc_gan.models import Generator
 from hpc_gan.train import checkpoint as ckpt
+from hpc_gan.train import guards
 
 FORMAT = "hpc_gan.generator"
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
 
     Raises:
         CheckpointError: no complete checkpoint (no best one with ``best``), or the shards cannot be read.
+        NonFiniteStateError: a weight or buffer (or the EMA's) holds NaN or inf; names the tensor.
     """
     root = Path(run_dir) / "checkpoints"
     if best:
@@ -76,11 +78,20 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
                          "patch_shape": list(cfg.model.patch_shape), "out_channels": 2},
                "config": state["config"], "manifest_sha256": state.get("manifest_sha256", ""),
                "privacy": state.get("privacy"), "state_dict": _fp32(weights), "ema": _ema(where)}
+    _check_finite(payload, f"checkpoint '{where}'", "it cannot be consolidated; pick an earlier --tag "
+                  f"(complete ones: {', '.join(ckpt.complete_tags(root))})")
     out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch_save_atomic(payload, out)
     write_text_atomic(out.with_name(out.name + ".sha256"), f"{file_sha256(out)}  {out.name}\n")
     return out
+
+
+def _check_finite(payload: dict, what: str, fix: str) -> None:
+    """Weights, buffers and the EMA's of a consolidated payload are all finite (else one line)."""
+    ema = payload.get("ema") or {}
+    guards.check_finite([*payload["state_dict"].items(),
+                         *((f"ema.{n}", t) for n, t in ema.get("state_dict", {}).items())], what, fix)
 
 
 def _fp32(weights: dict) -> dict:
@@ -132,7 +143,8 @@ def load_generator(path: str | os.PathLike, variant: str | None = None, verify: 
         ``"raw"``, ``metadata["ema"]`` the EMA's decay, warm-up and step (None without EMA).
 
     Raises:
-        CheckpointError: missing, truncated or foreign file, checksum mismatch, other variant.
+        CheckpointError: missing, truncated or foreign file, checksum mismatch, other variant, or
+            (NonFiniteStateError) weights or buffers holding NaN or inf, named.
     """
     path = Path(path)
     if not path.is_file():
@@ -149,6 +161,8 @@ def load_generator(path: str | os.PathLike, variant: str | None = None, verify: 
         raise CheckpointError(f"'{path}' is not an hpc_gan consolidated generator; run `hpc_gan consolidate RUN_DIR`")
     if variant and payload["variant"] != variant:
         raise CheckpointError(f"'{path}' holds variant '{payload['variant']}', not '{variant}'")
+    _check_finite(payload, f"consolidated generator '{path}'", "its samples would be meaningless; consolidate an "
+                  "earlier checkpoint (hpc_gan consolidate RUN_DIR --tag step-...)")
     model = payload["model"]
     generator = Generator(model["latent_dim"], model["ngf"], tuple(model["patch_shape"]), model["out_channels"])
     ema = payload.get("ema")

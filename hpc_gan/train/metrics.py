@@ -1,7 +1,7 @@
 """What a run reports: ``metrics.jsonl``, TensorBoard scalars and slices, one progress line.
 
 metrics.jsonl holds two kinds of records: training records (losses, throughput, ... every
-``train.log_every`` steps) and evaluation records ``{"step", "eval": {...}, "best_fid", "time"}``
+``train.log_every`` steps; the averaged losses are ``null`` for a window without any finite step) and evaluation records ``{"step", "eval": {...}, "best_fid", "time"}``
 (every ``train.eval_every`` steps); :func:`is_eval` tells them apart.
 
 Only rank 0 writes; every rank calls :meth:`MetricsLogger.average` so the reported losses are
@@ -47,6 +47,7 @@ class MetricsLogger:
         self._window_start = time.perf_counter()
         self._window_patches = 0
         self._writer = None
+        self.last_means: dict[str, float | None] = {}  # the last flushed window's averages, on every rank
         if self.rank0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -59,16 +60,20 @@ class MetricsLogger:
         self._window_patches += patches
 
     def average(self) -> dict:
-        """Means of the accumulated scalars over steps and ranks (collective: call on every rank)."""
+        """Means of the accumulated scalars over steps and ranks (collective: call on every rank).
+        None for each when the window had no finite step (ranks agree on finiteness, so on that):
+        a mean of nothing is not 0."""
         values = torch.tensor([self._sums.get(k, 0.0) / max(self._count, 1) for k in AVERAGED], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world_size
+        if self._count == 0:
+            return dict.fromkeys(AVERAGED)
         return dict(zip(AVERAGED, values.tolist()))
 
     def flush(self, step: int, epoch: int, extra: dict) -> dict | None:
         """Average, write the record and the progress line, and start a new window."""
-        means = self.average()
+        means = self.last_means = self.average()
         elapsed = time.perf_counter() - self._window_start
         record = {"step": step, "epoch": epoch, **means,
                   "patches_per_s": self._window_patches * self.world_size / max(elapsed, 1e-9),
@@ -118,13 +123,17 @@ class MetricsLogger:
 def progress_line(record: dict, total_steps: int) -> str:
     """The line users read in SLURM logs, e.g.
     ``step 300/20000 ep 2 | D -1.234 G 0.567 W 1.80 GP 0.012 | 12.3 patch/s | scale 65536/32768 | 512 MB``;
-    the dp variant shows the epsilon spent so far instead of the penalty (``eps 2.546``)."""
+    the dp variant shows the epsilon spent so far instead of the penalty (``eps 2.546``); ``-`` stands for a
+    loss of a window without any finite step."""
     scales = f" | scale {record['loss_scale_critic']:g}/{record['loss_scale_generator']:g}" \
         if record.get("precision") == "fp16" else ""
     skipped = f" | skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""
-    last = f"eps {record['epsilon']:.4g}" if "epsilon" in record else f"GP {record['penalty']:.4f}"  # dp: privacy spent
-    return (f"step {record['step']}/{total_steps} ep {record['epoch']} | D {record['loss_critic']:.4f} "
-            f"G {record['loss_generator']:.4f} W {record['wasserstein']:.4f} {last} | "
+    def f(key: str, spec: str = ".4f") -> str:
+        return "-" if record.get(key) is None else format(record[key], spec)
+
+    last = f"eps {f('epsilon', '.4g')}" if "epsilon" in record else f"GP {f('penalty')}"  # dp: privacy spent
+    return (f"step {record['step']}/{total_steps} ep {record['epoch']} | D {f('loss_critic')} "
+            f"G {f('loss_generator')} W {f('wasserstein')} {last} | "
             f"{record['patches_per_s']:.1f} patch/s{scales}{skipped} | {record['peak_memory_mb']:.0f} MB")
 
 

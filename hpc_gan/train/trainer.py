@@ -27,6 +27,7 @@ from hpc_gan.io import torch_save_atomic, write_text_atomic
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train import ema as gen_ema
+from hpc_gan.train import guards
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.evaluation import TrainingEvaluation
 from hpc_gan.train.metrics import MetricsLogger
@@ -35,10 +36,6 @@ from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_it
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-class NonFiniteLossError(HpcGanError):
-    """bf16/fp32 losses were not finite for too many consecutive steps."""
 
 
 class TrainingLoop:
@@ -128,6 +125,8 @@ class TrainingLoop:
         evaluation = TrainingEvaluation(self.cfg, self.dataset, self.env.rank, self.env.world_size, self.run_dir,
                                         self.device) if self.cfg.train.eval_every else None
         fixed_z = torch.Generator().manual_seed(12345)
+        divergence = guards.DivergenceGuard(self.cfg.model.patch_shape, self.cfg.train.divergence_lipschitz,
+                                            self.cfg.train.divergence_max_running_var, self.cfg.train.divergence_windows)
         record, bad_run = None, 0
         try:
             while self.step < self.total_steps:
@@ -139,21 +138,21 @@ class TrainingLoop:
                 bad_run = 0 if result.finite else bad_run + 1
                 self.nonfinite_steps += not result.finite
                 if bad_run and self.precision != "fp16" and bad_run >= t.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"losses were not finite for {bad_run} consecutive steps (step {self.step}, {self.precision}); "
-                        f"the last good checkpoint is kept in {self.ckpt_root}; lower the learning rates or use fp32")
+                    self._stop_diverged(f"losses were not finite for {bad_run} consecutive steps")
                 if result.finite:
                     metrics.add(vars(result), t.batch_size * t.n_critic)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     record = metrics.flush(self.step, self.epoch, self._extra())
+                    self._check_divergence(divergence, metrics.last_means["wasserstein"])
                 if t.image_every and self.step % t.image_every == 0:
                     metrics.images(self.step, self.samples(4, fixed_z))
                 stop = self._agree_to_stop()
                 evaluated, best = None, False
-                if evaluation and evaluation.due(self.step, self.total_steps) and not (stop or bad_run):
+                calm = not (bad_run or divergence.suspect)
+                if evaluation and evaluation.due(self.step, self.total_steps) and not stop and calm:
                     evaluated, best = self._evaluate(evaluation, metrics)
                 periodic = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
-                if stop or best or (periodic and not bad_run):  # never checkpoint inside a non-finite streak
+                if stop or best or (periodic and calm):  # never checkpoint inside a non-finite or diverging streak
                     self.save(evaluated, best)
                 if stop:
                     self.stop_requested = True
@@ -163,6 +162,28 @@ class TrainingLoop:
             metrics.close()
             self._close_batches()
         return record
+
+    def _check_divergence(self, divergence: guards.DivergenceGuard, wasserstein: float | None) -> None:
+        """Judge the window just logged (collective); stop when the bound held for
+        ``train.divergence_windows`` windows, or when the run ends inside an out-of-bounds window."""
+        reason = divergence.observe(wasserstein, guards.max_running_var(self.generator_module))
+        if reason:
+            self._stop_diverged(f"{reason} for {divergence.windows} consecutive logging windows")
+        if divergence.suspect and self.step == self.total_steps:
+            self._stop_diverged(f"the run ended inside a diverging stretch ({divergence.reason})")
+
+    def _stop_diverged(self, what: str) -> None:
+        raise guards.TrainingDiverged(guards.stop_message(what, self.step, self.precision, self.ckpt_root))
+
+    def _checked_modules(self) -> dict[str, torch.nn.Module]:
+        """The networks whose weights and buffers a checkpoint holds (checked before saving)."""
+        return {"generator": self.generator_module}
+
+    def _checked_tensors(self):
+        for name, module in self._checked_modules().items():
+            yield from guards.module_tensors(name, module)
+        if self.ema is not None:
+            yield from ((f"generator_ema.{n}", t) for n, t in self.ema.params.items())
 
     def _close_batches(self) -> None:
         """Stop the data loader's worker processes now: left to the garbage collector, each
@@ -252,6 +273,9 @@ class TrainingLoop:
         tag = ckpt.tag_of(self.step)
         where = self.ckpt_root / tag
         self._average_batchnorm_buffers()
+        bad = guards.agree_nonfinite(self._checked_tensors(), self.env.rank)  # collective: all ranks refuse
+        if bad:
+            self._stop_diverged(f"the state holds non-finite values ({bad}), so {tag} was not written")
         self._save_networks(where)
         where.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.rng_state(self.rng), where / ckpt.rank_file(self.env.rank))
@@ -360,6 +384,9 @@ class Trainer(TrainingLoop):
     @property
     def generator_module(self) -> torch.nn.Module:
         return self.generator.module
+
+    def _checked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.generator.module, "critic": self.critic.module}
 
     @property
     def epoch(self) -> int:

@@ -20,6 +20,7 @@ from hpc_gan.models import Critic, Generator, spectral_norm_buffers
 from hpc_gan.train import steps as train_steps
 from hpc_gan.train import trainer as trainer_module
 from hpc_gan.train.consolidate import consolidate, load_generator
+from hpc_gan.train.guards import TrainingDiverged
 from hpc_gan.train.penalty import gradient_penalty
 from hpc_gan.train.trainer import Trainer
 
@@ -234,7 +235,7 @@ def nonfinite(data, work) -> dict:
     try:
         t.fit()
         message = ""
-    except trainer_module.NonFiniteLossError as exc:
+    except TrainingDiverged as exc:
         message = str(exc)
     finally:
         trainer_module.train_iteration = real_iteration
