@@ -4,8 +4,10 @@ Stopping early (time limit or preemption) works in three steps that keep DeepSpe
 ``save_checkpoint`` safe:
 
 1. SLURM's ``--signal`` (USR2, before the time limit) or a preemption's TERM reaches every rank;
-   the trainer's handler only sets a flag (it replaces submitit's handler, which would requeue
-   from rank 0 at once, in the middle of a step).
+   the trainer's handler (:mod:`hpc_gan.train.stop`) only records it. It replaces submitit's
+   handler (which would requeue from rank 0 at once, in the middle of a step, and ignores the
+   signal on the other ranks) as the first thing the trainer does, before the slow start-up, so a
+   signal during start-up is honoured at the first step boundary.
 2. At the next step boundary the ranks agree (one all-reduce), write one checkpoint together and
    return :data:`~hpc_gan.train.__main__.EXIT_REQUEUE`.
 3. Rank 0 then calls submitit's own handler, which counts the timeouts (at most

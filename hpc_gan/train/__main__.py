@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpc_gan.train import stop
+
+    stop.install()  # before the slow start-up, so that a time-limit signal during it is not lost
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from hpc_gan import config, dist

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train import ema as gen_ema
 from hpc_gan.train import guards
+from hpc_gan.train import stop as stop_request
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.evaluation import TrainingEvaluation
 from hpc_gan.train.metrics import MetricsLogger
@@ -35,7 +35,6 @@ from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_it
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class TrainingLoop:
@@ -121,7 +120,7 @@ class TrainingLoop:
         metrics = MetricsLogger(self.run_dir, self.env.rank, self.env.world_size, self.total_steps,
                                 self.cfg.train.log_every)
         self._announce(resumed)
-        self._install_stop_handler()
+        stop_request.install()  # normally done by python -m hpc_gan.train before start-up; idempotent
         evaluation = TrainingEvaluation(self.cfg, self.dataset, self.env.rank, self.env.world_size, self.run_dir,
                                         self.device) if self.cfg.train.eval_every else None
         fixed_z = torch.Generator().manual_seed(12345)
@@ -156,6 +155,7 @@ class TrainingLoop:
                     self.save(evaluated, best)
                 if stop:
                     self.stop_requested = True
+                    stop_request.clear()  # honoured: a later run in this process starts without it
                     log.warning("stop requested: checkpoint %s written, exiting for requeue", ckpt.tag_of(self.step))
                     break
         finally:
@@ -233,20 +233,9 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ stop requests
 
-    def _install_stop_handler(self) -> None:
-        def handler(signum, _frame):
-            log.warning("received %s: will checkpoint at the next step boundary", signal.Signals(signum).name)
-            self.stop_requested = True
-
-        for sig in STOP_SIGNALS:
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. some test runners): no handler, no requeue
-                pass
-
     def _agree_to_stop(self) -> bool:
-        """A signal may reach ranks at different steps: stop when any rank has seen one."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        """A signal may reach ranks at different steps (or during start-up): stop when any rank has seen one."""
+        flag = torch.tensor([1.0 if self.stop_requested or stop_request.requested() else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
