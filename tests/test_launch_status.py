@@ -374,3 +374,47 @@ def test_script_wrapper(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "launch/status.py"), str(tmp_path / "missing")],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def _result(logs: Path, job_id: str, task: int, outcome: str) -> None:
+    import pickle
+
+    (logs / f"{job_id}_{task}_result.pkl").write_bytes(pickle.dumps((outcome, "Traceback ..." if outcome == "error"
+                                                                     else {"status": "completed"})))
+
+
+def test_a_failed_local_job_is_failed_at_once_not_running_for_ten_minutes(tmp_path):
+    """Before: RUNNING until its last metrics record was LOCAL_RECENT_S old."""
+    import os
+    import socket
+
+    exp = write_experiment(tmp_path / "exp", {"gp": "4001", "sn": "4002", "sn_mp": "4003", "dp": str(os.getpid())},
+                           cluster="local")
+    record = json.loads((exp / "jobs.json").read_text())
+    for job in record["jobs"].values():
+        job["nodes"], job["tasks_per_node"], job["host"] = 1, 2, socket.gethostname()  # local: one node
+    (exp / "jobs.json").write_text(json.dumps(record))
+    for variant in ("gp", "sn", "sn_mp", "dp"):
+        write_run(exp / variant, steps=(10, 20), times=(1000.0, 1010.0))
+    logs = exp / "logs"
+    _result(logs, "4001", 0, "success")  # a rank failed, its partner finished: FAILED
+    _result(logs, "4001", 1, "error")
+    (logs / "4001_1_log.err").write_text("error: rank 1: the state holds non-finite values\n")
+    _result(logs, "4002", 0, "success")  # both tasks finished
+    _result(logs, "4002", 1, "success")
+    # 4003: no results and no such process (killed); dp: this test's own pid, alive, no results yet
+    dead = 4003
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    record["jobs"]["sn_mp"]["job_id"] = str(dead)
+    (exp / "jobs.json").write_text(json.dumps(record))
+    rows = status.collect(exp, FakeSlurm(), now=1011.0)
+    assert [row.state for row in rows] == ["FAILED", "COMPLETED", "FAILED", "RUNNING"]
+    assert rows[0].error == "error: rank 1: the state holds non-finite values"
+    assert all(status.is_finished(row) for row in rows[:3])

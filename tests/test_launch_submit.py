@@ -119,3 +119,60 @@ def test_tstr_job_needs_the_real_volumes(base, capsys):
 def test_evaluation_jobs_need_a_trained_run(base, capsys):
     assert _submit("--variant", "sn", *base, "--job", "evaluate") == 2
     assert_one_line_error(capsys, "no consolidated generator", "train it first")
+
+
+# ------------------------------------------------------------------------------ --wait
+
+
+SUBMITIT_FAILURE = """Job (task=1) failed during processing with trace:
+----------------------
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/submitit/core/submission.py", line 55, in process_job
+    result = delayed.result()
+RuntimeError: training failed with exit status 2; the error line is in this task's log
+
+----------------------
+You can check full logs with 'job.stderr(1)' and 'job.stdout(1)'or at paths:
+  - {logs}/4242_1_log.err
+  - {logs}/4242_1_log.out"""
+
+
+class _FailedLocalJob:
+    """What wait_for sees of a failed 2-task submitit job: results() raises, paths per task."""
+
+    def __init__(self, logs: Path) -> None:
+        from submitit.core.utils import JobPaths
+
+        self.logs, self.num_tasks = logs, 2
+        self.paths = JobPaths(logs, "4242", 0)
+        self._tasks = [JobPaths(logs, "4242", task) for task in range(2)]
+
+    def task(self, task: int):
+        return type("Task", (), {"paths": self._tasks[task]})()
+
+    def results(self):
+        from submitit.core.utils import FailedJobError
+
+        raise FailedJobError(SUBMITIT_FAILURE.format(logs=self.logs))
+
+
+def test_wait_prints_one_well_formed_failed_line_with_the_jobs_own_error(tmp_path, capsys):
+    """Before: 'sn: FAILED (- <path>/4242_1_log.out)', the last line of submitit's message."""
+    from hpc_gan.launch.submit import PlannedRun, wait_for
+
+    logs = tmp_path / "exp" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "4242_0_log.err").write_text("Traceback (most recent call last):\n  File 'x'\nRuntimeError: [gloo] "
+                                         "Connection closed by peer [127.0.0.1]:4711\n")
+    (logs / "4242_1_log.err").write_text("some warning\nerror: rank 1: train.betas=1.0,0.9 is out of range: each value "
+                                         "must be < 1.0\nTraceback (most recent call last):\nRuntimeError: training "
+                                         "failed with exit status 2\n")
+    run = PlannedRun("sn", None, tmp_path / "config.yaml")
+    assert wait_for([_FailedLocalJob(logs)], [run]) == 1
+    assert capsys.readouterr().out == ("sn: FAILED (error: rank 1: train.betas=1.0,0.9 is out of range: each value "
+                                       "must be < 1.0)\n")
+    for log in logs.iterdir():  # no logs to read: the exception line of the relayed traceback
+        log.unlink()
+    assert wait_for([_FailedLocalJob(logs)], [run]) == 1
+    assert capsys.readouterr().out == ("sn: FAILED (RuntimeError: training failed with exit status 2; the error "
+                                       "line is in this task's log)\n")

@@ -10,14 +10,20 @@ state), or one run directory (with its job's state when the ``jobs.json`` above 
 
 Job state. SLURM: ``squeue`` first (it knows queued and running jobs, sacct may lag behind),
 ``sacct`` once the job has left the queue; only the job's own line counts, not its ``.batch``,
-``.extern`` or step lines. Local jobs (``--cluster local``) have no scheduler to ask: COMPLETED
-when the newest complete checkpoint is the last step, RUNNING while metrics keep arriving,
-UNKNOWN otherwise.
+``.extern`` or step lines. Local jobs (``--cluster local``) have no scheduler to ask; what
+submitit's local executor leaves decides first: FAILED when a task's result file records an
+error, or when the job's controlling process (its job id is that process's id; checked only on
+the host that submitted, which jobs.json records) is gone without every task's result; COMPLETED
+when every task recorded success. Otherwise: COMPLETED when the newest complete checkpoint is the
+last step, RUNNING while metrics keep arriving, UNKNOWN otherwise.
 
 FID: the newest in-training evaluation record of metrics.jsonl (``train.eval_every``), found in
 the file's tail like the losses; ``--json`` adds its step and the checkpoint ``best`` names.
 
-Error line of a job's stderr log (:func:`error_line`), scanning lines in order, the first match wins:
+Error line of a job: each task's stderr log is read (:func:`job_error_line`); a line of the
+project's own (``error: ...``, e.g. ``error: rank 0: rank 1 (host node2) stopped ...``) wins over
+other errors, then the lowest task. In one log (:func:`error_line`), scanning lines in order, the
+first match wins:
 
 1. a line containing ``Traceback (most recent call last):`` -> the exception line that ends the
    traceback: the first non-empty line after it that is not indented. When the traceback is
@@ -38,7 +44,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -219,17 +228,43 @@ def traceback_exception(prefix: str, stream: Iterator[str]) -> str | None:
     return exception
 
 
-def log_error(path: str | None, experiment: Path) -> str | None:
-    """The error line of a job's stderr log; the log may not exist yet (job pending)."""
+def log_error(path: str | os.PathLike | None, experiment: Path) -> str | None:
+    """The error line of one stderr log; the log may not exist yet (job pending)."""
+    log = _log_path(path, experiment)
+    if log is None:
+        return None
+    with log.open(errors="replace") as handle:
+        return error_line(handle)
+
+
+def _log_path(path: str | os.PathLike | None, experiment: Path) -> Path | None:
     if not path:
         return None
     log = Path(path)
     if not log.is_file():  # jobs.json written with a relative log_dir, read from elsewhere
         log = experiment / "logs" / log.name
-    if not log.is_file():
-        return None
-    with log.open(errors="replace") as handle:
-        return error_line(handle)
+    return log if log.is_file() else None
+
+
+def task_files(task0: str | os.PathLike, job_id: str, tasks: int) -> list[Path]:
+    """submitit's per-task files (``<job>_<task>_log.err``, ``..._result.pkl``) from task 0's."""
+    path = Path(task0)
+    marker = f"{job_id}_0_"
+    if marker not in path.name:
+        return [path]
+    return [path.with_name(path.name.replace(marker, f"{job_id}_{task}_", 1)) for task in range(tasks)]
+
+
+def job_error_line(logs: Iterable[str | os.PathLike], experiment: Path) -> str | None:
+    """The line that says why a job failed, from its tasks' stderr logs: the first of the
+    project's own ``error: ...`` lines (they name the rank and what to do), else the first error
+    of the lowest task (see the module docstring)."""
+    found = [line for line in (log_error(log, experiment) for log in logs) if line]
+    return next((line for line in found if line.startswith("error: ")), found[0] if found else None)
+
+
+def _tasks(job: dict) -> int:
+    return int(job.get("nodes") or 1) * int(job.get("tasks_per_node") or 1)
 
 
 # ------------------------------------------------------------------------------- run directories
@@ -320,6 +355,53 @@ def is_complete(row: Row) -> bool:
     return row.total_steps is not None and tag_step(row.checkpoint) == row.total_steps
 
 
+def local_outcome(job: dict, experiment: Path) -> str | None:
+    """FAILED or COMPLETED from what submitit's local executor leaves (see the module
+    docstring), None when that does not decide."""
+    if not job.get("stderr") or not job.get("job_id"):
+        return None
+    outcomes = [_result_outcome(_sibling(log, "result.pkl"), experiment)
+                for log in task_files(job["stderr"], str(job["job_id"]), _tasks(job))]
+    if "error" in outcomes:
+        return "FAILED"
+    if outcomes and all(outcome == "success" for outcome in outcomes):
+        return "COMPLETED"
+    if job.get("host") == socket.gethostname() and not _process_alive(str(job["job_id"])):
+        return "FAILED"  # killed (or its machine restarted) before every task wrote a result
+    return None
+
+
+def _sibling(log: Path, suffix: str) -> Path:
+    """``<job>_<task>_log.err`` -> ``<job>_<task>_<suffix>``."""
+    return log.with_name(log.name.rsplit("_log.", 1)[0] + "_" + suffix)
+
+
+def _result_outcome(path: Path, experiment: Path) -> str | None:
+    """"success" or "error" from a task's result file (submitit pickles (outcome, result));
+    None when there is none yet or it cannot be read."""
+    if not path.is_file():
+        path = experiment / "logs" / path.name
+    try:
+        with path.open("rb") as handle:
+            outcome = pickle.load(handle)[0]  # files of this experiment's own jobs
+    except Exception:  # absent, being written, or from another submitit version
+        return None
+    return outcome if outcome in ("success", "error") else None
+
+
+def _process_alive(job_id: str) -> bool:
+    """Whether the local job's controlling process (pid = job id) still exists."""
+    try:
+        os.kill(int(job_id), 0)
+    except ValueError:
+        return True  # not a pid: cannot tell
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
 def local_state(row: Row, records: list[dict], now: float) -> str:
     if is_complete(row):
         return "COMPLETED"
@@ -347,11 +429,12 @@ def build_row(variant: str, run_dir: Path, job: dict | None, cluster: str, exper
     records = fill_progress(row, run_dir)
     if job:
         if cluster == "local":
-            row.state = local_state(row, records, now)
+            row.state = local_outcome(job, experiment) or local_state(row, records, now)
         else:
             for key, value in slurm_state(row.job_id, runner).items():
                 setattr(row, key, value)
-        row.error = log_error(job.get("stderr"), experiment)
+        logs = task_files(job["stderr"], row.job_id, _tasks(job)) if job.get("stderr") else []
+        row.error = job_error_line(logs, experiment)
     if is_finished(row):
         row.eta_s = None
     return row

@@ -19,6 +19,7 @@ import datetime
 import json
 import shutil
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,9 @@ def jobs_record(runs, jobs, cluster: str, log_dir: Path) -> dict:
         entries[run.variant] = {"job_id": str(job.job_id), "run_dir": str(run.cfg.run_dir), "config": str(run.config_file),
                                 "nodes": run.cfg.cluster.nodes, "tasks_per_node": run.cfg.cluster.tasks_per_node,
                                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
-                                "total_steps": run.cfg.train.max_steps or None}
+                                "total_steps": run.cfg.train.max_steps or None,
+                                # a local job's id is its controlling process's pid: status checks it on this host
+                                "host": socket.gethostname()}
     first = str(jobs[0].job_id)
     return {"cluster": cluster, "name": runs[0].cfg.name, "log_dir": str(log_dir),
             "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -279,7 +282,8 @@ def print_submitted(record: dict, experiment: Path) -> None:
 
 
 def wait_for(jobs, runs) -> int:
-    """Block until all jobs end; non-zero if any failed."""
+    """Block until all jobs end; non-zero if any failed. A failed job gets one line:
+    ``<variant>: FAILED (<why>)`` (:func:`failure_reason`)."""
     failed = 0
     for run, job in zip(runs, jobs):
         try:
@@ -287,8 +291,25 @@ def wait_for(jobs, runs) -> int:
             print(f"{run.variant}: finished")
         except Exception as exc:  # submitit re-raises the job's exception with its log excerpt
             failed += 1
-            print(f"{run.variant}: FAILED ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+            print(f"{run.variant}: FAILED ({failure_reason(job, exc)})")
     return 1 if failed else 0
+
+
+def failure_reason(job, exc: BaseException) -> str:
+    """One line on why a job failed: the error line of its tasks' logs (the project's own
+    ``error: rank N: ...`` first, see launch/status.py), else the exception line of the traceback
+    submitit relays, else the exception's type. (submitit's message ends with the log paths,
+    whose last line is no reason.)"""
+    from hpc_gan.launch.status import error_line, job_error_line
+
+    try:
+        logs = [job.task(task).paths.stderr for task in range(job.num_tasks)]
+        experiment = Path(job.paths.folder).parent
+    except Exception:  # not a submitit job (tests), or its paths cannot be formed
+        logs, experiment = [], Path(".")
+    text = str(exc)
+    line = job_error_line(logs, experiment) or error_line(text.splitlines())
+    return " ".join((line or type(exc).__name__).split())
 
 
 def print_dry_run(runs: list[PlannedRun], cluster: str) -> None:
