@@ -68,6 +68,16 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a distributed command (evaluate, tstr) whose peer died: name it, not gloo
+        if args.debug or "torch.distributed" not in sys.modules:
+            raise
+        from hpc_gan.peers import lost_peer_message
+
+        message = lost_peer_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

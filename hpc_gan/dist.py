@@ -41,6 +41,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Literal, Mapping, MutableMapping
 
@@ -390,6 +391,7 @@ def default_backend() -> str:
 def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: float = 600) -> None:
     """Export ``env``, make GPU ``local_rank`` this rank's current device under NCCL and
     initialise torch.distributed through DeepSpeed (idempotent). :func:`shutdown` runs at exit.
+    The ranks then exchange host and process id (:class:`hpc_gan.peers.Roster`, collective).
 
     DeepSpeed's MPI discovery is turned off: :func:`detect` already read the launcher, and the
     discovery would replace the master address with rank 0's ``hostname -I``.
@@ -421,6 +423,9 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     atexit.register(shutdown)  # whatever the entry point, the group is destroyed before teardown
+    from hpc_gan import peers  # imported here: it imports this module
+
+    peers.Roster.gather(env.rank)  # hosts and pids of every rank, to name one that dies (hpc_gan.peers)
 
 
 def shutdown() -> None:
@@ -471,6 +476,26 @@ def without_launcher_env(environ: Mapping[str, str] = os.environ) -> dict[str, s
     """A copy of ``environ`` without any launcher's rank variables, for starting a new job from
     inside one (a test or benchmark may itself run under torchrun or srun)."""
     return {k: v for k, v in environ.items() if not k.startswith(LAUNCHER_ENV_PREFIXES)}
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts; a zombie, dead
+    but not yet reaped by its launcher, does not).
+
+    Example:
+        >>> process_alive(os.getpid())
+        True
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

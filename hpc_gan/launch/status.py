@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 from hpc_gan.cli_types import positive_int
+from hpc_gan.dist import process_alive
 from hpc_gan.errors import LaunchError
 from hpc_gan.launch.submit import JOBS_FILE
 from hpc_gan.train import checkpoint as ckpt
@@ -366,7 +367,8 @@ def local_outcome(job: dict, experiment: Path) -> str | None:
         return "FAILED"
     if outcomes and all(outcome == "success" for outcome in outcomes):
         return "COMPLETED"
-    if job.get("host") == socket.gethostname() and not _process_alive(str(job["job_id"])):
+    if job.get("host") == socket.gethostname() and str(job["job_id"]).isdigit() \
+            and not process_alive(int(job["job_id"])):
         return "FAILED"  # killed (or its machine restarted) before every task wrote a result
     return None
 
@@ -387,19 +389,6 @@ def _result_outcome(path: Path, experiment: Path) -> str | None:
     except Exception:  # absent, being written, or from another submitit version
         return None
     return outcome if outcome in ("success", "error") else None
-
-
-def _process_alive(job_id: str) -> bool:
-    """Whether the local job's controlling process (pid = job id) still exists."""
-    try:
-        os.kill(int(job_id), 0)
-    except ValueError:
-        return True  # not a pid: cannot tell
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
 
 
 def local_state(row: Row, records: list[dict], now: float) -> str:

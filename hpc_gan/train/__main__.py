@@ -38,14 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()  # before the slow start-up, so that a time-limit signal during it is not lost
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    from hpc_gan import config, dist
+    from hpc_gan import config, dist, peers
 
     env = dist.detect()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format=f"%(asctime)s rank{env.rank} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    roster = None
     try:
         cfg = config.load_resolved(args.config) if args.config else load_from_args(args)
         dist.init_process_group(env)
+        roster = peers.current()  # who runs where (gathered on joining): named if one of them dies
+        roster.keep_records(cfg.run_dir)
         trainer = trainer_class(cfg)(cfg, env)
         trainer.fit()
         dist.barrier()
@@ -54,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     except HpcGanError as exc:
         if args.debug:
             raise
+        if roster is not None:
+            roster.record_exit("error", str(exc))
         print(f"error: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as exc:  # a collective failed: name the rank that is gone instead of gloo's traceback
+        if args.debug or roster is None or not peers.is_lost_peer(exc):
+            raise
+        print(f"error: rank {env.rank}: {roster.lost_peer_line(exc)}", file=sys.stderr, flush=True)
         return 2
     finally:
         dist.shutdown()  # never leave the process group to interpreter teardown (it may abort)
