@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from hpc_gan.errors import HpcGanError
+from hpc_gan.errors import HpcGanError, print_error
 
 # name -> (module, help). Command modules keep heavy imports (torch, deepspeed) inside run().
 COMMANDS = {
@@ -63,7 +63,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except HpcGanError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(f"error: {exc}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -76,7 +76,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         message = lost_peer_message(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print_error(f"error: {message}")
         return EXIT_USER_ERROR
 
 

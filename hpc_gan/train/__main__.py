@@ -1,8 +1,13 @@
 """``python -m hpc_gan.train``: one rank of a training job, under torchrun, srun or mpiexec.
 
+    python -m hpc_gan.train --nproc-per-node 2 --variant sn --profile smoke --set data.root=demo_out/shards
     torchrun --nproc_per_node 2 -m hpc_gan.train --variant sn --profile smoke --set data.root=demo_out/shards
     srun python -m hpc_gan.train --config runs/exp/c_sn_mp/config.yaml
     mpiexec -n 2 python -m hpc_gan.train --variant gp --profile smoke
+
+``--nproc-per-node N`` starts N ranks on this machine itself (torchrun's agent, see
+:mod:`hpc_gan.launch.ranks`) and ends with the failed rank's own error line; plain torchrun ends
+with its ChildFailedError traceback after it (its failure table quotes the rank's line).
 
 Runs with ``privacy.enabled`` (variant dp) are trained by the DP-SGD trainer
 (:mod:`hpc_gan.privacy.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
@@ -15,8 +20,9 @@ import logging
 import os
 import sys
 
+from hpc_gan.cli_types import positive_int
 from hpc_gan.config_cli import add_config_arguments, load_from_args
-from hpc_gan.errors import HpcGanError
+from hpc_gan.errors import HpcGanError, print_error
 
 EXIT_REQUEUE = 3  # checkpointed after a stop signal: the launcher requeues the job
 
@@ -26,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_config_arguments(parser, variant_required=False)
     parser.add_argument("--config", help="a resolved config.yaml (instead of --variant/--profile/--set)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--nproc-per-node", type=positive_int, metavar="N",
+                        help="start N ranks on this machine (instead of torchrun / srun / mpiexec)")
     args = parser.parse_args(argv)
     if not args.config and not args.variant:
         parser.error("give --variant (with optional --profile/--set) or --config")
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stop.install()  # before the slow start-up, so that a time-limit signal during it is not lost
     args = parse_args(argv)
+    if args.nproc_per_node:
+        return _launch(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from hpc_gan import config, dist, peers
 
@@ -59,16 +69,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if roster is not None:
             roster.record_exit("error", str(exc))
-        print(f"error: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
+        print_error(f"error: rank {env.rank}: {exc}")
         return 2
     except RuntimeError as exc:  # a collective failed: name the rank that is gone instead of gloo's traceback
         if args.debug or roster is None or not peers.is_lost_peer(exc):
             raise
-        print(f"error: rank {env.rank}: {roster.lost_peer_line(exc)}", file=sys.stderr, flush=True)
+        print_error(f"error: rank {env.rank}: {roster.lost_peer_line(exc)}")
         return 2
     finally:
         dist.shutdown()  # never leave the process group to interpreter teardown (it may abort)
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """This command as ``nproc`` local ranks (each without ``--nproc-per-node``)."""
+    from hpc_gan import dist
+    from hpc_gan.launch.ranks import run_local_ranks
+
+    if dist.detect().launcher != "single":
+        print_error("error: --nproc-per-node starts the ranks itself; drop it under torchrun, srun or mpiexec")
+        return 2
+    rest = []
+    for arg in argv:
+        if rest and rest[-1] == "--nproc-per-node":
+            rest.pop()  # and its value
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    return run_local_ranks(nproc, "hpc_gan.train", rest)
 
 
 def trainer_class(cfg):
