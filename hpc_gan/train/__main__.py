@@ -43,10 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from hpc_gan.train import stop
 
-    stop.install()  # before the slow start-up, so that a time-limit signal during it is not lost
     args = parse_args(argv)
-    if args.nproc_per_node:
+    if args.nproc_per_node:  # this process only starts the ranks (torchrun's agent handles signals)
         return _launch(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
+    stop.install()  # before the slow start-up, so that a time-limit signal during it is not lost
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from hpc_gan import config, dist, peers
 
