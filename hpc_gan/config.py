@@ -1,7 +1,8 @@
 """Typed run configuration: YAML files composed with ``--set a.b=value`` overrides.
 
 A run is described by one :class:`RunConfig`. It is built by layering, each later layer
-overriding the earlier ones key by key::
+overriding the earlier ones key by key (paths relative to the config directory,
+``hpc_gan/configs/`` inside the package unless ``HPC_GAN_CONFIG_DIR`` names another)::
 
     configs/base.yaml  <-  configs/variants/<variant>.yaml  <-  configs/profiles/<profile>.yaml
                        <-  configs/clusters/<cluster>.yaml  <-  --set a.b=value ...
@@ -32,7 +33,8 @@ import yaml
 from hpc_gan.errors import ConfigError
 
 CONFIG_DIR_ENV = "HPC_GAN_CONFIG_DIR"
-_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package (hpc_gan/configs/) so that a wheel installed anywhere has them.
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
@@ -259,8 +261,23 @@ class RunConfig:
 
 
 def config_dir() -> Path:
-    """The directory with base.yaml, variants/, profiles/ and clusters/."""
-    return Path(os.environ.get(CONFIG_DIR_ENV, _REPO_CONFIGS))
+    """The directory with base.yaml, variants/, profiles/ and clusters/.
+
+    The one shipped in the package (``hpc_gan/configs``), unless ``HPC_GAN_CONFIG_DIR`` names a
+    user's own directory of the same layout (e.g. a copy with site-specific clusters/).
+
+    Raises:
+        ConfigError: the directory has no ``base.yaml`` (a wrong ``HPC_GAN_CONFIG_DIR``).
+    """
+    user_directory = os.environ.get(CONFIG_DIR_ENV)
+    directory = Path(user_directory or PACKAGE_CONFIG_DIR)
+    if not (directory / "base.yaml").is_file():
+        if user_directory:
+            raise ConfigError(f"config directory '{directory}' (from {CONFIG_DIR_ENV}) has no base.yaml; point "
+                              f"{CONFIG_DIR_ENV} at a copy of '{PACKAGE_CONFIG_DIR}' or unset it")
+        raise ConfigError(f"the installed package has no '{directory / 'base.yaml'}': a broken install "
+                          "(was the wheel built without its package data?); reinstall hpc_gan")
+    return directory
 
 
 def available(kind: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hpc_gan import config
@@ -112,3 +114,26 @@ def test_every_field_is_documented():
 def test_run_dir():
     cfg = config.load_config("gp", overrides=["name=exp1", "output_root=/scratch/runs"])
     assert str(cfg.run_dir) == "/scratch/runs/exp1/gp"
+
+
+def test_configs_ship_inside_the_package_and_a_user_directory_replaces_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.CONFIG_DIR_ENV, raising=False)
+    assert config.config_dir() == config.PACKAGE_CONFIG_DIR
+    assert config.PACKAGE_CONFIG_DIR.parent == Path(config.__file__).resolve().parent  # hpc_gan/configs
+    assert {"gp", "sn", "sn_mp", "c_sn_mp", "dp"} <= set(config.available("variants"))
+    own = tmp_path / "own"
+    (own / "variants").mkdir(parents=True)
+    (own / "base.yaml").write_text("train: {batch_size: 3}\n")
+    (own / "variants" / "mine.yaml").write_text("model: {ngf: 64, ndf: 64}\n")
+    monkeypatch.setenv(config.CONFIG_DIR_ENV, str(own))
+    assert config.available("variants") == ["mine"]
+    cfg = config.load_config("mine")
+    assert (cfg.train.batch_size, cfg.model.ngf) == (3, 64)
+
+
+def test_a_config_directory_without_base_yaml_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.CONFIG_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"config directory '.*nowhere' \(from HPC_GAN_CONFIG_DIR\) has no "
+                                          r"base.yaml; point HPC_GAN_CONFIG_DIR at a copy of") as info:
+        config.load_config("sn")
+    assert "\n" not in str(info.value)
