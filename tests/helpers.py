@@ -59,3 +59,46 @@ def assert_one_line_error(capsys, *words: str) -> str:
     for word in words:
         assert word in err, err
     return err
+
+
+# --------------------------------------------------------------------------- MedicalNet checkpoints
+
+def _medicalnet_head(in_channels: int, classes: int = 2):
+    """MedicalNet's segmentation head ``conv_seg``, whose keys a checkpoint carries."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.ConvTranspose3d(in_channels, 32, 2, stride=2), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
+        nn.Conv3d(32, 32, 3, padding=1, bias=False), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
+        nn.Conv3d(32, classes, 1, bias=False),
+    )
+
+
+def medicalnet_model(name: str = "medicalnet_resnet10", seed: int = 1):
+    """A "trained" network in MedicalNet's layout (with its ``conv_seg`` head): random weights and
+    non-trivial BatchNorm statistics. torch is imported here: conftest imports this module."""
+    import torch
+    from torch import nn
+
+    from hpc_gan.models.resnet3d import build_resnet3d
+
+    torch.manual_seed(seed)
+    model = build_resnet3d(name)
+    model.conv_seg = _medicalnet_head(model.feature_dim)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def save_medicalnet(model, path, wrap=True, prefix="module.", drop=()):
+    """Save like MedicalNet's train.py: DataParallel keys inside {"state_dict": ...}."""
+    import torch
+
+    state = {prefix + k: v for k, v in model.state_dict().items() if not any(d in k for d in drop)}
+    torch.save({"epoch": 200, "state_dict": state} if wrap else state, path)
+    return path
