@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,26 @@ def test_a_config_directory_without_base_yaml_is_one_line_naming_it(tmp_path, mo
                                           r"base.yaml; point HPC_GAN_CONFIG_DIR at a copy of") as info:
         config.load_config("sn")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["variants", "profiles"])
+def test_every_variant_and_profile_states_hardware_command_and_expected_result(kind, monkeypatch):
+    """nanoGPT's habit: the header says what the file was sized for, how to run it, what to expect."""
+    monkeypatch.delenv(config.CONFIG_DIR_ENV, raising=False)
+    files = sorted((config.PACKAGE_CONFIG_DIR / kind).glob("*.yaml"))
+    assert files
+    flag = "--variant" if kind == "variants" else "--profile"
+    for path in files:
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        text = "\n".join(header)
+        for field in ("# Sized for: ", "# Command:   ", "# Expected"):
+            assert any(line.startswith(field) for line in header), f"{path.name}: no '{field.strip()}' line"
+        command = next(line for line in header if line.startswith("# Command:"))
+        assert f"{flag} {path.stem}" in command, f"{path.name}: the command does not use {flag} {path.stem}"
+        expected = text[text.index("# Expected"):]
+        assert (re.search(r"recorded[^\n]*\d{4}-\d{2}-\d{2}", expected)
+                or "not measured yet: needs a GPU" in expected), f"{path.name}: no recorded figure or 'not measured yet'"
