@@ -26,7 +26,7 @@ from pathlib import Path
 from hpc_gan.errors import CheckpointError, ConfigError
 from hpc_gan.io import file_sha256
 
-__all__ = ["PRETRAINED", "PretrainedWeights", "cache_location", "cached_path", "fetch", "lookup"]
+__all__ = ["PRETRAINED", "PretrainedWeights", "cache_location", "cached_path", "fetch", "lookup", "verify"]
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,12 @@ def verify(weights: PretrainedWeights, path: Path) -> None:
     size = path.stat().st_size
     if weights.size is not None and size != weights.size:
         _delete_cached(path)
-        raise CheckpointError(f"{weights.name}: downloaded {weights.filename} has {size} bytes, the pin at "
+        raise CheckpointError(f"{weights.name}: the fetched {weights.filename} has {size} bytes, the pin at "
                               f"{weights.repo_id}@{weights.revision} says {weights.size}: deleted it; fetch again")
     digest = file_sha256(path)
     if digest != weights.sha256:
         _delete_cached(path)
-        raise CheckpointError(f"{weights.name}: downloaded {weights.filename} has SHA-256 {digest}, the pin at "
+        raise CheckpointError(f"{weights.name}: the fetched {weights.filename} has SHA-256 {digest}, the pin at "
                               f"{weights.repo_id}@{weights.revision} is {weights.sha256}: deleted it; fetch again "
                               "(a proxy or mirror that alters files, or a changed upload)")
 
