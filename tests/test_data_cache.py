@@ -164,3 +164,14 @@ def test_memory_mode_lives_in_shared_memory_and_is_removed(packed):
     assert str(ds.store.path).startswith("/dev/shm/") and ds[0].shape == (2, 16, 16, 16)
     ds.close()
     assert not ds.store.path.exists()
+
+
+def test_evaluate_reads_the_real_sets_through_the_cache(packed, tmp_path):
+    from hpc_gan.eval.evaluate import load_sets
+
+    exact = CacheSettings("local_disk", str(tmp_path), "float32")
+    plain, via_cache = (load_sets(str(packed), str(packed), "train", "test", 6, 0, data_cache=c) for c in (None, exact))
+    for a, b in ((plain.real, via_cache.real), (plain.heldout, via_cache.heldout)):
+        assert isinstance(b.dataset, CachedPatchDataset) and a.indices == b.indices
+        assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
+    assert not isinstance(via_cache.generated.dataset, CachedPatchDataset)   # read once: not cached
