@@ -11,8 +11,10 @@ import torch
 
 from helpers import half_exact_copy
 from hpc_gan.data import cache as cache_module
-from hpc_gan.data.cache import (CacheSettings, CachedPatchDataset, CompactBatch, NodeCache, batch_to_device,
-                                open_dataset, pack_label, store_bytes, store_dir, unpack_label)
+from torch.utils.data import DataLoader
+
+from hpc_gan.data.cache import (CacheSettings, CachedPatchDataset, CompactBatch, batch_to_device, open_dataset,
+                                pack_label, prefetch, store_bytes, store_dir, unpack_label)
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.errors import DataError
@@ -36,6 +38,8 @@ def test_label_bits_round_trip_for_any_depth():
         packed = pack_label(label)
         assert packed.shape == (3, 4, -(-z // 8))
         assert np.array_equal(unpack_label(torch.from_numpy(packed), z).numpy(), label)
+        # the tensor-op path a GPU takes, run on the CPU here
+        assert np.array_equal(cache_module._unpack_bits_on_device(torch.from_numpy(packed), z).numpy(), label)
 
 
 def test_float32_store_equals_the_shards_and_float16_is_one_rounding(packed, tmp_path):
@@ -54,20 +58,34 @@ def test_float32_store_equals_the_shards_and_float16_is_one_rounding(packed, tmp
         ds.close()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_compact_batches_leave_in_compact_dtypes_and_convert_to_the_shards_batches(packed, settings, workers):
+def test_compact_batches_leave_in_compact_dtypes_and_convert_to_the_shards_batches(packed, settings):
     exact = half_exact_copy(packed, settings.base() / "half_exact")
     shards, ds = ShardedPatchDataset(exact, "train"), cached(exact, settings)
-    plain = list(PatchLoader(shards, 4, rank=1, world_size=2, seed=3, num_workers=workers).epoch_batches())
-    compact = list(PatchLoader(ds, 4, rank=1, world_size=2, seed=3, num_workers=workers, compact=True).epoch_batches())
+    plain = list(PatchLoader(shards, 4, rank=1, world_size=2, seed=3, num_workers=1).epoch_batches())
+    loader = PatchLoader(ds, 4, rank=1, world_size=2, seed=3, compact=True)
+    compact = list(loader.epoch_batches())
     assert len(plain) == len(compact) == 5
     for x, c in zip(plain, compact):
         assert isinstance(c, CompactBatch) and c.image.dtype == torch.float16 and c.label.dtype == torch.uint8
         assert c.image.shape == (4, 16, 16, 16) and c.label.shape == (4, 16, 16, 2)
         assert torch.equal(batch_to_device(c, "cpu", torch.float32), x)       # identical float32 batches
+    # the same batches gathered in a DataLoader worker (shared-memory buffers)
+    order = loader.share.indices(0)
+    chunks = [order[i:i + 4].tolist() for i in range(0, 20, 4)]
+    from_worker = list(DataLoader(ds.batches(), batch_size=None, sampler=chunks, num_workers=1))
+    assert all(torch.equal(a.image, b.image) and torch.equal(a.label, b.label) for a, b in zip(compact, from_worker))
     # without compact=True (evaluation, tstr) a cached split gives float tensors like the shards
     assert torch.equal(next(iter(PatchLoader(ds, 4, seed=3))), next(iter(PatchLoader(shards, 4, seed=3))))
     ds.close()
+
+
+def test_prefetch_keeps_order_for_any_length_and_stops_early():
+    read = lambda chunk: chunk[0] * 10  # noqa: E731
+    for n in (0, 1, 2, 3, 7):
+        assert list(prefetch(read, [[i] for i in range(n)])) == [10 * i for i in range(n)]
+    batches = prefetch(read, [[i] for i in range(100)])
+    assert next(batches) == 0
+    batches.close()                                    # a run that stops mid-epoch: the thread ends
 
 
 def test_resume_continues_with_the_next_unseen_patch(packed, settings):

@@ -48,7 +48,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -139,6 +141,12 @@ def pack_label(label: np.ndarray) -> np.ndarray:
 
 def unpack_label(packed: torch.Tensor, z: int) -> torch.Tensor:
     """Inverse of :func:`pack_label` on any device: (..., ⌈Z/8⌉) uint8 -> (..., Z) uint8."""
+    if packed.device.type == "cpu":  # numpy's C loop: 25x faster than the tensor ops on a CPU
+        return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=z, bitorder="little"))
+    return _unpack_bits_on_device(packed, z)
+
+
+def _unpack_bits_on_device(packed: torch.Tensor, z: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (packed.unsqueeze(-1) >> shifts) & 1                     # (..., ⌈Z/8⌉, 8)
     return bits.flatten(-2)[..., :z]
@@ -157,9 +165,26 @@ def batch_to_device(batch, device, dtype: torch.dtype = torch.float32) -> torch.
     image = batch.image.to(device, non_blocking=True)             # (B, X, Y, Z)
     label = unpack_label(batch.label.to(device, non_blocking=True), image.shape[-1])
     out = torch.empty((image.shape[0], 2, *image.shape[1:]), device=image.device, dtype=dtype)
-    out[:, 0].copy_(image)
+    if out.device.type == "cpu" and dtype == torch.float32:  # numpy converts float16 twice as fast here
+        np.copyto(out.numpy()[:, 0], image.numpy())
+    else:
+        out[:, 0].copy_(image)
     out[:, 1].copy_(label)
     return out
+
+
+def prefetch(read: Callable[[list[int]], CompactBatch], chunks: list[list[int]], depth: int = 2) -> Iterator[CompactBatch]:
+    """``read(chunk)`` of every chunk, in order, by one background thread up to ``depth`` chunks
+    ahead. A cached batch is one gather from the page cache (numpy releases the GIL while it
+    copies), so a thread overlaps it with the training step without the cost of handing batches
+    between processes (docs/BENCHMARKS.md: DataLoader workers deliver less than this)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc_gan-prefetch") as pool:
+        pending = deque(pool.submit(read, chunk) for chunk in chunks[:depth])
+        for chunk in chunks[depth:] + [None] * min(depth, len(chunks)):
+            batch = pending.popleft().result()
+            if chunk is not None:
+                pending.append(pool.submit(read, chunk))
+            yield batch
 
 
 # --------------------------------------------------------------------------- the store
@@ -382,9 +407,13 @@ class CachedPatchDataset(Dataset):
         state["_arrays"], state["_pid"] = {}, -1
         return state
 
+    def unmap(self) -> None:
+        """Drop this process's mappings (the next read maps the files again)."""
+        self._arrays = {}
+
     def close(self) -> None:
         """Unmap the arrays and release this process's use of the store."""
-        self._arrays = {}
+        self.unmap()
         self.store.release()
 
 
@@ -399,10 +428,13 @@ class BatchView(Dataset):
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
-    if get_worker_info() is not None:  # a worker's batch travels through shared memory: put it there now
-        out.share_memory_()
-    return out
+    """Where a batch is gathered: in shared memory inside a DataLoader worker (the batch travels
+    to the main process through it), page-locked when a GPU will receive it (an asynchronous copy
+    needs that; PyTorch caches such buffers), else ordinary memory."""
+    torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if get_worker_info() is not None:
+        return torch.empty(shape, dtype=torch_dtype).share_memory_()
+    return torch.empty(shape, dtype=torch_dtype, pin_memory=torch.cuda.is_available())
 
 
 # --------------------------------------------------------------------------- opening

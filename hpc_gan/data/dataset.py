@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hpc_gan.data.cache import prefetch
 from hpc_gan.data.manifest import Manifest, load_manifest, verify_shards
 from hpc_gan.data.shards import open_shard
 from hpc_gan.errors import DataError
@@ -163,7 +164,8 @@ class PatchLoader:
                  num_workers: int = 0, shuffle: bool = True, drop_last: bool = True, compact: bool = False) -> None:
         """``compact``: when the dataset is a cached split, yield its
         :class:`~hpc_gan.data.cache.CompactBatch` batches (convert them with
-        :func:`~hpc_gan.data.cache.batch_to_device`); other datasets always give float tensors."""
+        :func:`~hpc_gan.data.cache.batch_to_device`), read ahead by a thread of this process
+        (``num_workers`` does not apply); other datasets always give float tensors."""
         self.dataset = dataset
         self.compact = compact and hasattr(dataset, "read_batch")
         self.batch_size = batch_size
@@ -185,14 +187,14 @@ class PatchLoader:
         remaining = self.share.indices(self.epoch)[self.position:]
         if self.drop_last:
             remaining = remaining[: len(remaining) - len(remaining) % self.batch_size]
-        common = {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False,
-                  "worker_init_fn": _ignore_preemption_signals if self.num_workers else None}
-        if self.compact:  # the same batches, each read in one gather by BatchView
+        if self.compact:  # the same batches, each one gather from the page cache, read ahead by a thread
             chunks = [remaining[i:i + self.batch_size].tolist() for i in range(0, len(remaining), self.batch_size)]
-            loader = DataLoader(self.dataset.batches(), batch_size=None, sampler=chunks, **common)
+            loader = prefetch(self.dataset.read_batch, chunks)
         else:
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(), drop_last=False,
-                                **common)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(),
+                                num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
+                                worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
+                                persistent_workers=False)
         for batch in loader:
             self.position += len(batch.image) if self.compact else len(batch)
             yield batch
