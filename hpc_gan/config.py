@@ -140,7 +140,10 @@ class TrainConfig:
         "", "Evaluation during training: MedicalNet ResNet-10 weights for the features; empty = the seeded "
         "random extractor (figures comparable within and across runs, not with published FIDs)."
     )
-    num_workers: int = opt(2, "DataLoader worker processes per rank.", min=0)
+    num_workers: int = opt(
+        2, "DataLoader worker processes per rank reading the shards (a data.cache split is read by one prefetch "
+        "thread instead; the cache build decodes with this many processes).", min=0
+    )
     ema_decay: float = opt(
         0.0, "Keep an exponential moving average of the generator's weights with this decay (e.g. 0.999; "
         "must be < 1); checkpoints and the consolidated file carry it and `hpc_gan sample` uses it unless --raw. "
@@ -169,7 +172,7 @@ class DataConfig:
     cache: Literal["none", "memory", "local_disk"] = opt(
         "none", "Node-local decoded cache of the split (docs/SCALING.md): none = decode the shards in every "
         "epoch; memory = decode once per node into shared memory (/dev/shm), float16 image + bit-packed label, "
-        "mapped read-only by every rank and worker; local_disk = the same store on a node-local disk "
+        "mapped read-only by every rank, converted to float on its device; local_disk = the same store on a node-local disk "
         "(data.cache_dir), for splits larger than memory."
     )
     cache_dir: str = opt(

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hpc_gan import dist as hdist
 from hpc_gan.config import load_config
-from hpc_gan.data.cache import CacheSettings, CachedPatchDataset, open_cached_split
+from hpc_gan.data.cache import CacheSettings, open_cached_split
 from hpc_gan.train.trainer import Trainer
 
 ENV = hdist.detect()
