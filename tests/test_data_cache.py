@@ -124,18 +124,23 @@ def test_damaged_shards_build_nothing(packed, settings, tmp_path):
     assert not store_dir(load_manifest(copy), "train", settings).exists()
 
 
-def test_a_build_that_dies_leaves_nothing_that_looks_complete(packed, settings, monkeypatch):
-    def crash(jobs, workers):
-        raise KeyboardInterrupt("killed mid-build")
+def test_a_build_that_fails_or_dies_leaves_nothing_that_looks_complete(packed, settings, monkeypatch):
+    def interrupted(jobs, workers):
+        raise KeyboardInterrupt("interrupted mid-build")
 
-    monkeypatch.setattr(cache_module, "_decode_all", crash)
+    monkeypatch.setattr(cache_module, "_decode_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cached(packed, settings)
     store = store_dir(load_manifest(packed), "train", settings)
-    assert not store.exists() and len(list(store.parent.glob(store.name + ".build-*"))) == 1
+    assert not list(store.parent.glob(store.name + "*.npy")) and not store.exists()
+    assert not list(store.parent.glob(store.name + ".build-*"))            # an exception cleans up
     monkeypatch.undo()
+    # a builder killed by a signal leaves its build directory, and an old store without COMPLETE
+    (store.parent / (store.name + ".build-4242")).mkdir()
+    (store.parent / (store.name + ".build-4242") / "image.npy").write_bytes(b"half")
+    store.mkdir()
     ds = cached(packed, settings)                       # the next process builds it and removes the debris
-    assert ds.store.built and (store / "COMPLETE").is_file()
+    assert ds.store.built and (store / "COMPLETE").is_file() and len(ds) == 40
     assert not list(store.parent.glob(store.name + ".build-*"))
     ds.close()
 

@@ -262,7 +262,8 @@ class NodeCache:
         atexit.register(self.release)
 
     def _build(self, verify: str, workers: int) -> None:
-        for stale in self.path.parent.glob(self.path.name + ".build-*"):  # a build that died
+        # what a killed builder left (we hold the lock: nobody else is building)
+        for stale in [*self.path.parent.glob(self.path.name + ".build-*"), self.path]:
             shutil.rmtree(stale, ignore_errors=True)
         verify_shards(self.manifest, self.split, verify)
         shards = self.manifest.shards(self.split)
@@ -274,6 +275,15 @@ class NodeCache:
                             "data.cache_dir, or data.cache=none")
         build = self.path.with_name(f"{self.path.name}.build-{self._pid}")
         build.mkdir()
+        try:
+            self._write(build, shards, n, shape, workers)
+        except BaseException:  # an error or an interrupt: leave nothing behind (a kill leaves build-*)
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        os.replace(build, self.path)
+        fsync_path(self.path.parent)
+
+    def _write(self, build: Path, shards: list, n: int, shape: tuple[int, int, int], workers: int) -> None:
         x, y, z = shape
         np.lib.format.open_memmap(build / "image.npy", "w+", self.settings.image_dtype, (n, x, y, z))
         np.lib.format.open_memmap(build / "label.npy", "w+", np.uint8, (n, x, y, -(-z // 8)))
@@ -287,8 +297,6 @@ class NodeCache:
             "version": STORE_VERSION, "manifest_sha256": self.manifest.digest, "split": self.split, "n": n,
             "patch_shape": list(shape), "image_dtype": self.settings.image_dtype, "label": "packbits-little-z"})
         write_text_atomic(build / COMPLETE, "")
-        os.replace(build, self.path)
-        fsync_path(self.path.parent)
 
     def release(self) -> None:
         """This process no longer uses the store; the last user on the node removes it (unless kept)."""
