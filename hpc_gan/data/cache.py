@@ -8,8 +8,10 @@ float32 patches from its DataLoader workers (docs/SCALING.md). With ``data.cache
 2. checks the shards against the manifest (``data.verify``: once per node, not once per rank),
 3. decodes them into a build directory beside the store and renames it into place when whole,
 
-and every rank and DataLoader worker on the node then maps the store read-only
-(``numpy.load(mmap_mode="r")``: one copy in the page cache, shared by all). The store is keyed
+and every process on the node then maps the store read-only (``numpy.load(mmap_mode="r")``:
+one copy in the page cache, shared by all). A training rank reads whole batches with one
+prefetch thread (:func:`prefetch`; DataLoader workers would only add a hand-over per batch),
+evaluation reads single patches, in workers or not. The store is keyed
 by the manifest's SHA-256, the split and the image dtype; a store directory with its final name
 was renamed there after its ``COMPLETE`` marker was written, so a build that dies half-way
 leaves only a ``.build-*`` directory that the next builder removes.
@@ -35,7 +37,10 @@ value. fp32 runs that need the shards' values bit for bit set ``data.cache_image
 
 Batches leave the loader compact (:class:`CompactBatch`) and become float on the rank's device
 (:func:`batch_to_device`). The store is removed when the last process on the node that opened
-it exits (a registry of process ids beside it), unless ``data.cache_keep`` is set.
+it exits (a registry of process ids beside it), unless ``data.cache_keep`` is set. A job killed
+outright (SIGKILL, node failure) cannot remove it: ``$SLURM_TMPDIR`` goes with the job, a
+``/dev/shm`` store stays until a later job with the same data reuses and removes it or the
+node's epilogue clears ``/dev/shm``.
 """
 
 from __future__ import annotations
