@@ -66,7 +66,7 @@ SUBJECTS = 4
 TARGET_CACHE_VS_PAPER, TARGET_CACHE_VS_MEMCPY = 10, 0.5
 SPACING = (0.5, 0.5, 0.8)
 
-from _cache_rounds import WORKER_COUNTS, Layout, bytes_per_node, measure_cache_rounds  # noqa: E402
+from _cache_rounds import WORKER_COUNTS, Layout, bytes_per_node, log, measure_cache_rounds  # noqa: E402
 from _report import emit  # noqa: E402
 
 
@@ -92,10 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.patches < args.batch or args.batch < 1 or args.workers < 0 or args.repeats < 1:
         p.error("need --batch >= 1, --patches >= --batch, --workers >= 0 and --repeats >= 1")
     return args
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- synthetic TOF-MRA subjects

@@ -198,3 +198,16 @@ def test_evaluate_reads_the_real_sets_through_the_cache(packed, tmp_path):
         assert isinstance(b.dataset, CachedPatchDataset) and a.indices == b.indices
         assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
     assert not isinstance(via_cache.generated.dataset, CachedPatchDataset)   # read once: not cached
+
+
+def test_config_fields_are_validated_and_explained():
+    from hpc_gan.config import describe, load_config
+    from hpc_gan.errors import ConfigError
+
+    cfg = load_config("sn", overrides=["data.cache=local_disk", "data.cache_dir=/scratch/x", "data.cache_keep=true"])
+    assert CacheSettings.from_config(cfg.data) == CacheSettings("local_disk", "/scratch/x", "float16", True)
+    assert load_config("sn").data.cache == "none"                          # off unless asked for
+    with pytest.raises(ConfigError, match="data.cache"):
+        load_config("sn", overrides=["data.cache=ram"])
+    keys = {row[0] for row in describe()}
+    assert {"data.cache", "data.cache_dir", "data.cache_image_dtype", "data.cache_keep"} <= keys
