@@ -142,7 +142,10 @@ class TrainConfig:
         "", "Evaluation during training: MedicalNet ResNet-10 weights for the features; empty = the seeded "
         "random extractor (figures comparable within and across runs, not with published FIDs)."
     )
-    num_workers: int = opt(2, "DataLoader worker processes per rank.", min=0)
+    num_workers: int = opt(
+        2, "DataLoader worker processes per rank reading the shards (a data.cache split is read by one prefetch "
+        "thread instead; the cache build decodes with this many processes).", min=0
+    )
     ema_decay: float = opt(
         0.0, "Keep an exponential moving average of the generator's weights with this decay (e.g. 0.999; "
         "must be < 1); checkpoints and the consolidated file carry it and `hpc_gan sample` uses it unless --raw. "
@@ -167,6 +170,23 @@ class DataConfig:
     split: str = opt("train", "Split the GAN trains on.")
     verify: Literal["full", "size", "none"] = opt(
         "full", "Check shards when a job starts: full = SHA-256, size = file sizes, none."
+    )
+    cache: Literal["none", "memory", "local_disk"] = opt(
+        "none", "Node-local decoded cache of the split (docs/SCALING.md): none = decode the shards in every "
+        "epoch; memory = decode once per node into shared memory (/dev/shm), float16 image + bit-packed label, "
+        "mapped read-only by every rank, converted to float on its device; local_disk = the same store on a node-local disk "
+        "(data.cache_dir), for splits larger than memory."
+    )
+    cache_dir: str = opt(
+        "", "Directory of the local_disk cache; empty = $SLURM_TMPDIR, else the system temp directory."
+    )
+    cache_image_dtype: Literal["float16", "float32"] = opt(
+        "float16", "Image precision in the cache: float16 = half the bytes, error <= 2**-12 on [-1, 1] (the "
+        "same rounding as fp16 training); float32 = exactly the shards' values."
+    )
+    cache_keep: bool = opt(
+        False, "Keep the cache after the job (a later job on the node reuses it); false = the last process "
+        "on the node that used it removes it."
     )
 
 

@@ -102,3 +102,26 @@ def save_medicalnet(model, path, wrap=True, prefix="module.", drop=()):
     state = {prefix + k: v for k, v in model.state_dict().items() if not any(d in k for d in drop)}
     torch.save({"epoch": 200, "state_dict": state} if wrap else state, path)
     return path
+
+
+def half_exact_copy(src: Path, dst: Path) -> Path:
+    """A copy of a packed dataset whose images are exactly representable in float16 (each value
+    rounded once), its manifest updated to the new shard sizes and checksums: the data on which a
+    float16 cache must give bit-identical float32 batches."""
+    import json
+    import shutil
+
+    import h5py
+
+    from hpc_gan.io import file_sha256
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = dst / shard["file"]
+            with h5py.File(path, "r+", locking=False) as f:
+                f["image"][...] = f["image"][...].astype(np.float16).astype(np.float32)
+            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from hpc_gan.cli_types import add_data_cache_arguments, data_cache_settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="sample directory from `hpc_gan sample --format hdf5`")
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="directory caching real-data features and FID statistics "
                                         "(keyed by manifest, extractor, split, N, seed, channel) and the "
                                         "label–image agreement's reference segmenter")
+    add_data_cache_arguments(parser)
     parser.add_argument("--agreement-steps", type=int, default=300,
                         help="training steps of the agreement's reference segmenter (default 300)")
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                       n=args.n, seed=args.seed, extractor_name=extractor_for(args.extractor, args.weights), weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
                       batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache,
-                      agreement_steps=args.agreement_steps)
+                      agreement_steps=args.agreement_steps, data_cache=data_cache_settings(args))
     if report is not None:
         fid = report["fid"]
         print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "
