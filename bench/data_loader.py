@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Data-loading benchmark: HDF5 shards versus the paper's one-gzipped-.npy-per-patch layout.
+"""Data-loading benchmark: the node-local decoded cache, HDF5 shards and the paper's one-gzipped-.npy-per-patch layout.
 
 Prints one JSON object on stdout (progress goes to stderr):
 
+* the node-local decoded cache (``data.cache``, hpc_gan.data.cache) against the paper's layout
+  and the default lzf shards, side by side in interleaved rounds: 1, 2 and 4 DataLoader workers
+  on a warm page cache, and ``--workers`` on a cold one (each file of the layout evicted with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` before every cold pass, checked with ``fincore`` where
+  installed; the machine-wide ``drop_caches`` is not used); patches/s and GB/s of float32 batch
+  bytes delivered, and a ``memcpy`` of the same float32 batch as the physical ceiling. Headline:
+  ``cache / paper`` (target >= 10) and ``cache / memcpy`` (target >= 0.5), warm, ``--workers``;
+* bytes per node of each ``data.cache`` mode for the paper's split (2350 patches of 128x128x64);
 * reading throughput (patches/s) through the same torch DataLoader (same workers, batch size,
-  random order) for the shards of every compression and for the baseline layout; the headline
-  is ``speedup = shards (lzf, the default) / baseline``;
+  random order) for the shards of every compression and for the baseline layout: ``speedup =
+  shards (lzf, the default) / baseline``;
 * packing throughput and bytes per patch of ``pack()`` for every compression;
 * a single-process profile of one patch read of each format (where the time goes).
 
@@ -14,7 +22,7 @@ as int16 like scanner data), because compression ratios and decode times depend 
 Everything is written in a temporary directory that is removed at the end.
 
 Usage:
-    python bench/data_loader.py                 # default, ~2.5 min on 2 cores
+    python bench/data_loader.py                 # default, ~6 min on 2 cores
     python bench/data_loader.py --quick         # CI smoke run, tiny patches
     python bench/data_loader.py --out bench.json
 """
@@ -43,6 +51,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from hpc_gan.cli_types import shape3
+from hpc_gan.data.cache import CacheSettings, open_dataset
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.data.nifti import save_nifti
 from hpc_gan.data.pack import assign_splits, match_subjects, pack
@@ -54,8 +63,10 @@ HEADLINE = "lzf"          # the packer's default compression
 BASELINE = "baseline_gzip_npy"
 LOADER_ONLY = "loader_only"   # no storage: the DataLoader's own cost, the ceiling for any format
 SUBJECTS = 4
+TARGET_CACHE_VS_PAPER, TARGET_CACHE_VS_MEMCPY = 10, 0.5
 SPACING = (0.5, 0.5, 0.8)
 
+from _cache_rounds import WORKER_COUNTS, Layout, bytes_per_node, log, measure_cache_rounds  # noqa: E402
 from _report import emit  # noqa: E402
 
 
@@ -67,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers (and pack() processes)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--repeats", type=int, default=3,
                    help="timed reading passes per format (the median is reported)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: 32,32,16 patches, 16 of them, 2 repeats")
@@ -81,10 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.patches < args.batch or args.batch < 1 or args.workers < 0 or args.repeats < 1:
         p.error("need --batch >= 1, --patches >= --batch, --workers >= 0 and --repeats >= 1")
     return args
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- synthetic TOF-MRA subjects
@@ -269,6 +276,24 @@ def measure_reading(datasets: dict[str, Dataset], args: argparse.Namespace) -> d
                    "passes": [round(x, 2) for x in v]} for name, v in passes.items()}
 
 
+def cache_layouts(packing: dict, baseline_dir: Path, work: Path) -> tuple[dict[str, Layout], dict]:
+    """The paper's layout, lzf shards and the cache (local disk and /dev/shm); the build times."""
+    lzf = Path(packing[HEADLINE]["dir"])
+    layouts = {"paper": Layout(GzipNpyDataset(baseline_dir), sorted(baseline_dir.iterdir())),
+               "lzf": Layout(ShardedPatchDataset(lzf, "train", verify="none"), sorted(lzf.glob("train-*.h5")))}
+    builds = {}
+    for name, settings in (("cache_local_disk", CacheSettings("local_disk", str(work / "node"))),
+                           ("cache_memory", CacheSettings("memory"))):
+        start = time.perf_counter()
+        dataset = open_dataset(lzf, "train", "full", settings, workers=1)
+        builds[name] = {"build_seconds_one_process": round(time.perf_counter() - start, 2),
+                        "store_bytes": sum(f.stat().st_size for f in dataset.store.path.glob("*.npy")),
+                        "path": str(dataset.store.path.parent)}
+        layouts[name] = Layout(dataset, sorted(dataset.store.path.glob("*.npy")), compact=True)
+    layouts["cache_memory_to_float32"] = Layout(layouts["cache_memory"].dataset, [], compact=True, convert=True)
+    return layouts, builds
+
+
 # ---------------------------------------------------------------- single-process profile
 
 def profile(shard_dirs: dict[str, Path], baseline_dir: Path, patches: int = 16) -> dict:
@@ -370,7 +395,28 @@ def environment() -> dict:
             "hdf5plugin": hdf5plugin.version, "numpy": np.__version__}
 
 
-def report(args, volume_shape, packing, baseline, reading, prof) -> dict:
+def cache_summary(args, cache: dict, builds: dict, lzf_bytes: int) -> dict:
+    """The cache's headline figures against the paper's layout and the memcpy ceiling."""
+    rates, ceiling = cache["rates"], cache["memcpy"]
+    w = args.workers
+    cached, paper = rates["cache_memory/w0/warm"]["patches_per_s"], rates[f"paper/w{w}/warm"]["patches_per_s"]
+    best_paper = max(rates[f"paper/w{k}/warm"]["patches_per_s"] for k in WORKER_COUNTS)
+    return {"workers": w, "cache_patches_per_s": cached, "paper_patches_per_s": paper,
+            "cache_vs_paper_warm": round(cached / paper, 2), "target_cache_vs_paper": TARGET_CACHE_VS_PAPER,
+            "cache_vs_best_paper_any_workers": round(cached / best_paper, 2),
+            "memcpy": ceiling, "cache_vs_memcpy": round(cached / ceiling["patches_per_s"], 3),
+            "target_cache_vs_memcpy": TARGET_CACHE_VS_MEMCPY,
+            "meets_targets": cached / paper >= TARGET_CACHE_VS_PAPER
+            and cached / ceiling["patches_per_s"] >= TARGET_CACHE_VS_MEMCPY,
+            "rate": "patches/s from the first batch of a pass to its end (worker start-up excluded; "
+                    "with_worker_start_patches_per_s includes it); gb_per_s = float32 batch bytes delivered",
+            "page_cache_eviction": "fdatasync + posix_fadvise(POSIX_FADV_DONTNEED) on every file of the layout before each cold "
+                                   "pass (not drop_caches); /dev/shm cannot be evicted, so cache_memory is warm only",
+            "rates": rates, "eviction_check": cache["eviction_check"], "builds": builds,
+            "bytes_per_node": bytes_per_node(lzf_bytes)}
+
+
+def report(args, volume_shape, packing, baseline, reading, prof, cache: dict) -> dict:
     raw = int(np.prod(args.patch_shape)) * 5            # float32 image + uint8 label
     shards = reading[f"shards_{HEADLINE}"]["median_patches_per_s"]
     base = reading[BASELINE]["median_patches_per_s"]
@@ -384,6 +430,9 @@ def report(args, volume_shape, packing, baseline, reading, prof) -> dict:
     return {
         "benchmark": "data_loader",
         "note": note,
+        "cache_vs_paper_warm": cache["cache_vs_paper_warm"],
+        "cache_vs_memcpy": cache["cache_vs_memcpy"],
+        "cache_meets_targets": cache["meets_targets"],
         "shards_compression": HEADLINE,
         "shards_patches_per_s": shards,
         "baseline_patches_per_s": base,
@@ -403,6 +452,7 @@ def report(args, volume_shape, packing, baseline, reading, prof) -> dict:
         "packing": packing,
         "baseline_layout": baseline,
         "profile_ms_per_patch": prof,
+        "cache": cache,
     }
 
 
@@ -436,7 +486,14 @@ def run(args: argparse.Namespace) -> dict:
         for dataset in datasets.values():
             if isinstance(dataset, ShardedPatchDataset):
                 dataset.close()
-    return report(args, volume_shape, packing, baseline, reading, prof)
+        layouts, builds = cache_layouts(packing, work / "baseline", work)
+        try:
+            cache = measure_cache_rounds(layouts, args)
+        finally:
+            for name in ("lzf", "cache_local_disk", "cache_memory"):
+                layouts[name].dataset.close()          # the /dev/shm store goes with its last user
+        summary = cache_summary(args, cache, builds, packing[HEADLINE]["bytes_per_patch"])
+    return report(args, volume_shape, packing, baseline, reading, prof, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

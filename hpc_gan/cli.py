@@ -28,6 +28,7 @@ COMMANDS = {
     "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
     "sample": ("hpc_gan.sample_cli", "generate patches from a consolidated generator"),
     "plan": ("hpc_gan.plan", "per-rank memory estimate and the largest batch that fits"),
+    "weights": ("hpc_gan.models.cli_weights", "fetch pinned MedicalNet weights into the Hugging Face cache, or list them"),
 }
 EXIT_USER_ERROR = 2
 

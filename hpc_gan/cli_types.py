@@ -40,6 +40,25 @@ def fractions3(text: str) -> tuple[float, float, float]:
     return values
 
 
+def add_data_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-cache``, ``--data-cache-dir``, ``--data-cache-dtype``, ``--keep-data-cache``: the ``data.cache*`` config
+    fields for commands that read packed data without a run config (evaluate, tstr)."""
+    parser.add_argument("--data-cache", choices=("none", "memory", "local_disk"), default="none",
+                        help="decode the real splits once per node into a shared compact store (as data.cache)")
+    parser.add_argument("--data-cache-dir", default="",
+                        help="local_disk store directory (default $SLURM_TMPDIR, else the system temp)")
+    parser.add_argument("--data-cache-dtype", choices=("float16", "float32"), default="float16",
+                        help="image precision in the store (as data.cache_image_dtype)")
+    parser.add_argument("--keep-data-cache", action="store_true", help="leave the store in place at the end")
+
+
+def data_cache_settings(args: argparse.Namespace):
+    """The :class:`~hpc_gan.data.cache.CacheSettings` of :func:`add_data_cache_arguments`."""
+    from hpc_gan.data.cache import CacheSettings
+
+    return CacheSettings(args.data_cache, args.data_cache_dir, args.data_cache_dtype, args.keep_data_cache)
+
+
 def positive_int(text: str) -> int:
     """'4' -> 4; 0, negatives and non-numbers are refused."""
     try:

@@ -1,7 +1,8 @@
 """Typed run configuration: YAML files composed with ``--set a.b=value`` overrides.
 
 A run is described by one :class:`RunConfig`. It is built by layering, each later layer
-overriding the earlier ones key by key::
+overriding the earlier ones key by key (paths relative to the config directory,
+``hpc_gan/configs/`` inside the package unless ``HPC_GAN_CONFIG_DIR`` names another)::
 
     configs/base.yaml  <-  configs/variants/<variant>.yaml  <-  configs/profiles/<profile>.yaml
                        <-  configs/clusters/<cluster>.yaml  <-  --set a.b=value ...
@@ -32,7 +33,8 @@ import yaml
 from hpc_gan.errors import ConfigError
 
 CONFIG_DIR_ENV = "HPC_GAN_CONFIG_DIR"
-_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package (hpc_gan/configs/) so that a wheel installed anywhere has them.
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -158,7 +160,10 @@ class TrainConfig:
         "", "Evaluation during training: MedicalNet ResNet-10 weights for the features; empty = the seeded "
         "random extractor (figures comparable within and across runs, not with published FIDs)."
     )
-    num_workers: int = opt(2, "DataLoader worker processes per rank.", min=0)
+    num_workers: int = opt(
+        2, "DataLoader worker processes per rank reading the shards (a data.cache split is read by one prefetch "
+        "thread instead; the cache build decodes with this many processes).", min=0
+    )
     ema_decay: float = opt(
         0.0, "Keep an exponential moving average of the generator's weights with this decay (e.g. 0.999; "
         "must be < 1); checkpoints and the consolidated file carry it and `hpc_gan sample` uses it unless --raw. "
@@ -183,6 +188,23 @@ class DataConfig:
     split: str = opt("train", "Split the GAN trains on.")
     verify: Literal["full", "size", "none"] = opt(
         "full", "Check shards when a job starts: full = SHA-256, size = file sizes, none."
+    )
+    cache: Literal["none", "memory", "local_disk"] = opt(
+        "none", "Node-local decoded cache of the split (docs/SCALING.md): none = decode the shards in every "
+        "epoch; memory = decode once per node into shared memory (/dev/shm), float16 image + bit-packed label, "
+        "mapped read-only by every rank, converted to float on its device; local_disk = the same store on a node-local disk "
+        "(data.cache_dir), for splits larger than memory."
+    )
+    cache_dir: str = opt(
+        "", "Directory of the local_disk cache; empty = $SLURM_TMPDIR, else the system temp directory."
+    )
+    cache_image_dtype: Literal["float16", "float32"] = opt(
+        "float16", "Image precision in the cache: float16 = half the bytes, error <= 2**-12 on [-1, 1] (the "
+        "same rounding as fp16 training); float32 = exactly the shards' values."
+    )
+    cache_keep: bool = opt(
+        False, "Keep the cache after the job (a later job on the node reuses it); false = the last process "
+        "on the node that used it removes it."
     )
 
 
@@ -277,8 +299,23 @@ class RunConfig:
 
 
 def config_dir() -> Path:
-    """The directory with base.yaml, variants/, profiles/ and clusters/."""
-    return Path(os.environ.get(CONFIG_DIR_ENV, _REPO_CONFIGS))
+    """The directory with base.yaml, variants/, profiles/ and clusters/.
+
+    The one shipped in the package (``hpc_gan/configs``), unless ``HPC_GAN_CONFIG_DIR`` names a
+    user's own directory of the same layout (e.g. a copy with site-specific clusters/).
+
+    Raises:
+        ConfigError: the directory has no ``base.yaml`` (a wrong ``HPC_GAN_CONFIG_DIR``).
+    """
+    user_directory = os.environ.get(CONFIG_DIR_ENV)
+    directory = Path(user_directory or PACKAGE_CONFIG_DIR)
+    if not (directory / "base.yaml").is_file():
+        if user_directory:
+            raise ConfigError(f"config directory '{directory}' (from {CONFIG_DIR_ENV}) has no base.yaml; point "
+                              f"{CONFIG_DIR_ENV} at a copy of '{PACKAGE_CONFIG_DIR}' or unset it")
+        raise ConfigError(f"the installed package has no '{directory / 'base.yaml'}': a broken install "
+                          "(was the wheel built without its package data?); reinstall hpc_gan")
+    return directory
 
 
 def available(kind: str) -> list[str]:

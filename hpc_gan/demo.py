@@ -1,7 +1,7 @@
 """``make demo``: the main job end to end on the embedded default, on this machine's CPU.
 
 Phantom TOF-MRA volumes -> sharded HDF5 patches (32x32x16) -> the ``sn`` variant with the
-``learn`` profile (what a small CPU model needs to learn, see configs/profiles/learn.yaml)
+``learn`` profile (what a small CPU model needs to learn, see hpc_gan/configs/profiles/learn.yaml)
 trained on 2 local ranks (gloo, fp32) -> consolidated generator (EMA weights) -> 100 samples ->
 evaluation report (FID against the held-out baseline, PRD, precision/recall, label realism,
 label-image agreement) -> downstream test (a small U-Net trained on real and on generated

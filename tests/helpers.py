@@ -59,3 +59,69 @@ def assert_one_line_error(capsys, *words: str) -> str:
     for word in words:
         assert word in err, err
     return err
+
+
+# --------------------------------------------------------------------------- MedicalNet checkpoints
+
+def _medicalnet_head(in_channels: int, classes: int = 2):
+    """MedicalNet's segmentation head ``conv_seg``, whose keys a checkpoint carries."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.ConvTranspose3d(in_channels, 32, 2, stride=2), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
+        nn.Conv3d(32, 32, 3, padding=1, bias=False), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
+        nn.Conv3d(32, classes, 1, bias=False),
+    )
+
+
+def medicalnet_model(name: str = "medicalnet_resnet10", seed: int = 1):
+    """A "trained" network in MedicalNet's layout (with its ``conv_seg`` head): random weights and
+    non-trivial BatchNorm statistics. torch is imported here: conftest imports this module."""
+    import torch
+    from torch import nn
+
+    from hpc_gan.models.resnet3d import build_resnet3d
+
+    torch.manual_seed(seed)
+    model = build_resnet3d(name)
+    model.conv_seg = _medicalnet_head(model.feature_dim)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def save_medicalnet(model, path, wrap=True, prefix="module.", drop=()):
+    """Save like MedicalNet's train.py: DataParallel keys inside {"state_dict": ...}."""
+    import torch
+
+    state = {prefix + k: v for k, v in model.state_dict().items() if not any(d in k for d in drop)}
+    torch.save({"epoch": 200, "state_dict": state} if wrap else state, path)
+    return path
+
+
+def half_exact_copy(src: Path, dst: Path) -> Path:
+    """A copy of a packed dataset whose images are exactly representable in float16 (each value
+    rounded once), its manifest updated to the new shard sizes and checksums: the data on which a
+    float16 cache must give bit-identical float32 batches."""
+    import json
+    import shutil
+
+    import h5py
+
+    from hpc_gan.io import file_sha256
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = dst / shard["file"]
+            with h5py.File(path, "r+", locking=False) as f:
+                f["image"][...] = f["image"][...].astype(np.float16).astype(np.float32)
+            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst

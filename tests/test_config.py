@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from hpc_gan import config
@@ -124,3 +127,49 @@ def test_every_accepted_beta_is_accepted_by_torch():
     for betas in ("0.0,0.0", "0.5,0.999999", "0.9999,0.9"):
         cfg = config.load_config("sn", overrides=[f"train.betas={betas}"])
         torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=cfg.train.betas)
+
+
+def test_configs_ship_inside_the_package_and_a_user_directory_replaces_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.CONFIG_DIR_ENV, raising=False)
+    assert config.config_dir() == config.PACKAGE_CONFIG_DIR
+    assert config.PACKAGE_CONFIG_DIR.parent == Path(config.__file__).resolve().parent  # hpc_gan/configs
+    assert {"gp", "sn", "sn_mp", "c_sn_mp", "dp"} <= set(config.available("variants"))
+    own = tmp_path / "own"
+    (own / "variants").mkdir(parents=True)
+    (own / "base.yaml").write_text("train: {batch_size: 3}\n")
+    (own / "variants" / "mine.yaml").write_text("model: {ngf: 64, ndf: 64}\n")
+    monkeypatch.setenv(config.CONFIG_DIR_ENV, str(own))
+    assert config.available("variants") == ["mine"]
+    cfg = config.load_config("mine")
+    assert (cfg.train.batch_size, cfg.model.ngf) == (3, 64)
+
+
+def test_a_config_directory_without_base_yaml_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.CONFIG_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"config directory '.*nowhere' \(from HPC_GAN_CONFIG_DIR\) has no "
+                                          r"base.yaml; point HPC_GAN_CONFIG_DIR at a copy of") as info:
+        config.load_config("sn")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["variants", "profiles"])
+def test_every_variant_and_profile_states_hardware_command_and_expected_result(kind, monkeypatch):
+    """nanoGPT's habit: the header says what the file was sized for, how to run it, what to expect."""
+    monkeypatch.delenv(config.CONFIG_DIR_ENV, raising=False)
+    files = sorted((config.PACKAGE_CONFIG_DIR / kind).glob("*.yaml"))
+    assert files
+    flag = "--variant" if kind == "variants" else "--profile"
+    for path in files:
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        text = "\n".join(header)
+        for field in ("# Sized for: ", "# Command:   ", "# Expected"):
+            assert any(line.startswith(field) for line in header), f"{path.name}: no '{field.strip()}' line"
+        command = next(line for line in header if line.startswith("# Command:"))
+        assert f"{flag} {path.stem}" in command, f"{path.name}: the command does not use {flag} {path.stem}"
+        expected = text[text.index("# Expected"):]
+        assert (re.search(r"recorded[^\n]*\d{4}-\d{2}-\d{2}", expected)
+                or "not measured yet: needs a GPU" in expected), f"{path.name}: no recorded figure or 'not measured yet'"

@@ -10,8 +10,9 @@ import pytest
 from scipy.spatial import cKDTree
 
 from hpc_gan.errors import DataError
-from hpc_gan.eval.segmentation import (bavd, box_plots_png, check_pair, dice, error_map_png, error_map_rgb,
-                                       segmentation_scores, summary_table, write_csv)
+from hpc_gan.eval.segmentation import (BAVD_METHODS, DENSE_FRACTION, bavd, bavd_method, box_plots_png, check_pair,
+                                       dice, error_map_png, error_map_rgb, segmentation_scores, summary_table,
+                                       write_csv)
 
 pytestmark = pytest.mark.unit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -75,6 +76,39 @@ def test_balanced_denominator_is_truth_size():
     pred = voxels((5, 5, 5), (5, 5, 7))                       # one extra voxel 2 away
     assert bavd(pred, truth) == pytest.approx((0 + 0 + 2) / (2 * 1))
     assert bavd(truth, pred) == pytest.approx((0 + 2 + 0) / (2 * 2))
+
+
+def all_pairs_bavd(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """The definition by brute force: every pairwise distance between voxel centres in mm."""
+    g, s = np.argwhere(truth) * np.asarray(spacing), np.argwhere(pred) * np.asarray(spacing)
+    pairs = np.sqrt(((g[:, None, :] - s[None, :, :]) ** 2).sum(-1))         # (|G|, |S|)
+    return (pairs.min(axis=1).sum() + pairs.min(axis=0).sum()) / (2 * len(g))
+
+
+@pytest.mark.parametrize("method", BAVD_METHODS)
+@pytest.mark.parametrize("density", [0.02, 0.3])
+def test_every_bavd_method_equals_all_pairs_brute_force(method, density):
+    """Sparse and dense masks (with solid blobs, so interior voxels exist), anisotropic spacing."""
+    rng = np.random.default_rng(7)
+    shape = (14, 12, 10)
+    truth, pred = rng.random(shape) < density, rng.random(shape) < density
+    truth[2:7, 2:7, 2:6] = True                                       # interior voxels the tree skips
+    pred[4:9, 3:8, 3:7] = True
+    for spacing in ((1.0, 1.0, 1.0), ANISO, (0.3, 1.7, 0.9)):
+        assert abs(bavd(pred, truth, spacing, method=method) - all_pairs_bavd(pred, truth, spacing)) < 1e-9
+
+
+def test_bavd_auto_rule_picks_kdtree_for_sparse_and_transforms_for_dense_labels():
+    rng = np.random.default_rng(0)
+    sparse = rng.random((20, 20, 20)) < 0.02, rng.random((20, 20, 20)) < 0.02
+    dense = rng.random((20, 20, 20)) < 0.4, rng.random((20, 20, 20)) < 0.4
+    assert np.mean(sparse[0] ^ sparse[1]) <= DENSE_FRACTION < np.mean(dense[0] ^ dense[1])
+    assert bavd_method(*sparse) == "kdtree" and bavd_method(*dense) == "distance_transform"
+
+
+def test_bavd_unknown_method_is_refused():
+    with pytest.raises(DataError, match="'exact'"):
+        bavd(cube(), cube(), method="exact")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

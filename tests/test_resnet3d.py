@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import medicalnet_model as _medicalnet_model
+from helpers import save_medicalnet as _save_medicalnet
 from hpc_gan.errors import CheckpointError, ConfigError
 from hpc_gan.models.gan import count_parameters
 from hpc_gan.models.resnet3d import (
@@ -114,37 +116,6 @@ def test_unknown_architecture_is_a_config_error():
 
 
 # --------------------------------------------------------------------------- MedicalNet checkpoints
-
-def _medicalnet_head(in_channels: int, classes: int = 2) -> nn.Sequential:
-    """MedicalNet's segmentation head ``conv_seg``, whose keys a checkpoint carries."""
-    return nn.Sequential(
-        nn.ConvTranspose3d(in_channels, 32, 2, stride=2), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
-        nn.Conv3d(32, 32, 3, padding=1, bias=False), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
-        nn.Conv3d(32, classes, 1, bias=False),
-    )
-
-
-def _medicalnet_model(name: str = "medicalnet_resnet10", seed: int = 1) -> nn.Module:
-    """A "trained" network: random weights and non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = build_resnet3d(name)
-    model.conv_seg = _medicalnet_head(model.feature_dim)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return model.eval()
-
-
-def _save_medicalnet(model: nn.Module, path, wrap=True, prefix="module.", drop=()):
-    """Save like MedicalNet's train.py: DataParallel keys inside {"state_dict": ...}."""
-    state = {prefix + k: v for k, v in model.state_dict().items() if not any(d in k for d in drop)}
-    torch.save({"epoch": 200, "state_dict": state} if wrap else state, path)
-    return path
-
 
 def test_medicalnet_checkpoint_loads_and_reproduces_features(tmp_path):
     source = _medicalnet_model()

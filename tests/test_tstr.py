@@ -67,3 +67,13 @@ def test_compare_merges_downstream_tests_into_one_table(real, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| real | 1 |" in table and "| gp | 1 |" in table
     assert (tmp_path / "box.png").is_file()
+
+
+def test_the_node_local_cache_serves_tstr_with_the_same_scores(real, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert main(_args(real, plain, "real")) == 0
+    assert main(_args(real, cached, "real") + ["--data-cache", "local_disk", "--data-cache-dir", str(tmp_path / "node"),
+                                               "--data-cache-dtype", "float32"]) == 0
+    assert (plain / "scores.csv").read_text() == (cached / "scores.csv").read_text()
+    stores = sorted(p.name.split("-")[-2] for p in (tmp_path / "node").glob("hpc_gan-cache-*[0-9]"))
+    assert stores == ["train", "val"]                  # both splits tstr reads came from the cache

@@ -8,7 +8,8 @@
   not depend on the number of DataLoader workers.
 * :class:`PatchLoader` iterates a rank's batches epoch after epoch and keeps a cursor
   (epoch, position) with ``state_dict()`` / ``load_state_dict()``, so a resumed run continues
-  with the next unseen patch.
+  with the next unseen patch. Over a node-local cache (:mod:`hpc_gan.data.cache`) it can hand
+  out compact batches read in one gather each (``compact=True``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hpc_gan.data.cache import prefetch
 from hpc_gan.data.manifest import Manifest, load_manifest, verify_shards
 from hpc_gan.data.shards import open_shard
 from hpc_gan.errors import DataError
@@ -159,8 +161,13 @@ class PatchLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+                 num_workers: int = 0, shuffle: bool = True, drop_last: bool = True, compact: bool = False) -> None:
+        """``compact``: when the dataset is a cached split, yield its
+        :class:`~hpc_gan.data.cache.CompactBatch` batches (convert them with
+        :func:`~hpc_gan.data.cache.batch_to_device`), read ahead by a thread of this process
+        (``num_workers`` does not apply); other datasets always give float tensors."""
         self.dataset = dataset
+        self.compact = compact and hasattr(dataset, "read_batch")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = drop_last
@@ -180,12 +187,16 @@ class PatchLoader:
         remaining = self.share.indices(self.epoch)[self.position:]
         if self.drop_last:
             remaining = remaining[: len(remaining) - len(remaining) % self.batch_size]
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(),
-                            num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
-                            persistent_workers=False)
+        if self.compact:  # the same batches, each one gather from the page cache, read ahead by a thread
+            chunks = [remaining[i:i + self.batch_size].tolist() for i in range(0, len(remaining), self.batch_size)]
+            loader = prefetch(self.dataset.read_batch, chunks)
+        else:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(),
+                                num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
+                                worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
+                                persistent_workers=False)
         for batch in loader:
-            self.position += len(batch)
+            self.position += len(batch.image) if self.compact else len(batch)
             yield batch
         self.epoch += 1
         self.position = 0

@@ -262,7 +262,7 @@ def train_reference_segmenter(dataset, *, steps: int = 300, batch: int = 8, lr: 
 
 
 def reference_segmenter(real_root: str, split: str = "train", *, cache_dir: str | None = None, seed: int = 0,
-                        **train_kwargs) -> tuple[torch.nn.Module, dict]:
+                        data_cache=None, **train_kwargs) -> tuple[torch.nn.Module, dict]:
     """:func:`train_reference_segmenter` on a packed split, cached on disk.
 
     The cache file ``<cache_dir>/segmenter-<key>.pt`` (a state dict, written to a temporary name
@@ -307,6 +307,10 @@ def reference_segmenter(real_root: str, split: str = "train", *, cache_dir: str 
         log.info("reference segmenter from the cache %s", path)
         return model.to(device or "cpu").eval(), {**identity, "cached": True}
     train = {k: settings[k] for k in ("steps", "batch", "lr", "channels")}
+    if data_cache is not None and data_cache.mode != "none":  # training reads the split many times
+        from hpc_gan.data.cache import open_dataset
+
+        dataset = open_dataset(real_root, split, "none", data_cache)  # checked above (size)
     model = train_reference_segmenter(dataset, seed=seed, device=device, **train)
     if path is not None:
         from hpc_gan.io import torch_save_atomic

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from hpc_gan.cli_types import add_data_cache_arguments, data_cache_settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="sample directory from `hpc_gan sample --format hdf5`")
@@ -19,18 +21,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-split", default="test", help="real-vs-real baseline split (default test)")
     parser.add_argument("--n", type=int, help="patches per set (default: as many as both sets have)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--extractor", default="medicalnet_resnet10",
-                        help="medicalnet_resnet10 | medicalnet_resnet18 | medicalnet_resnet50")
-    parser.add_argument("--weights", help="MedicalNet weights file; without it a fixed-seed random extractor "
-                                          "(figures not comparable with published FIDs)")
-    parser.add_argument("--weights-sha256", help="refuse weights whose SHA-256 differs")
+    parser.add_argument("--extractor", help="medicalnet_resnet10 | medicalnet_resnet18 | medicalnet_resnet50 "
+                                            "(default: the one --weights fit, else medicalnet_resnet10)")
+    parser.add_argument("--weights", help="pinned weights fetched by `hpc_gan weights fetch` (e.g. "
+                                          "medicalnet_resnet10, read from the Hugging Face cache) or a MedicalNet "
+                                          "weights file; without it a fixed-seed random extractor (figures not "
+                                          "comparable with published FIDs)")
+    parser.add_argument("--weights-sha256", help="refuse a weights file whose SHA-256 differs")
     parser.add_argument("--channel", choices=("image", "label"), default="image")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cache", help="directory caching real-data features and FID statistics "
                                         "(keyed by manifest, extractor, split, N, seed, channel) and the "
                                         "label–image agreement's reference segmenter")
+    add_data_cache_arguments(parser)
     parser.add_argument("--agreement-steps", type=int, default=300,
                         help="training steps of the agreement's reference segmenter (default 300)")
+
+
+def extractor_for(extractor: str | None, weights: str | None) -> str:
+    """The extractor asked for, else the architecture of pinned ``weights``, else ResNet-10 (the paper's)."""
+    from hpc_gan.models.pretrained import PRETRAINED
+
+    if extractor:
+        return extractor
+    return PRETRAINED[weights].architecture if weights in PRETRAINED else "medicalnet_resnet10"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         dist.init_process_group(env)
     report = evaluate(args.samples, args.real, args.out, real_split=args.real_split, heldout_split=args.heldout_split,
-                      n=args.n, seed=args.seed, extractor_name=args.extractor, weights=args.weights,
+                      n=args.n, seed=args.seed, extractor_name=extractor_for(args.extractor, args.weights), weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
                       batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache,
-                      agreement_steps=args.agreement_steps)
+                      agreement_steps=args.agreement_steps, data_cache=data_cache_settings(args))
     if report is not None:
         fid = report["fid"]
         print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from hpc_gan.cli_types import add_data_cache_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", required=True, help="packed real data (train / val / test splits)")
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--seed", type=int, default=0)
+    add_data_cache_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

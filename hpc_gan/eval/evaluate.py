@@ -50,19 +50,23 @@ class EvalSets:
     spacing: tuple[float, float, float]
 
 
-def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: int | None, seed: int) -> EvalSets:
-    """Open the three sets and choose their members (deterministic for ``seed``).
+def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: int | None, seed: int,
+              data_cache=None) -> EvalSets:
+    """Open the three sets and choose their members (deterministic for ``seed``). The real sets
+    are read through the node-local cache when ``data_cache`` (:class:`~hpc_gan.data.cache.CacheSettings`)
+    asks for one; the generated set is read once, so it is not cached.
 
     Raises:
         DataError: an empty sample set, patch shapes that differ, too few patches.
     """
+    from hpc_gan.data.cache import open_dataset
     from hpc_gan.data.dataset import ShardedPatchDataset
 
     try:
         generated = ShardedPatchDataset(samples, "train", verify="size")
     except DataError as exc:
         raise DataError(f"sample set '{samples}': {exc}") from None
-    real_ds = ShardedPatchDataset(real, real_split, verify="size")
+    real_ds = open_dataset(real, real_split, "size", data_cache)
     if generated.patch_shape != real_ds.patch_shape:
         raise DataError(f"generated patches are {generated.patch_shape} but real ones {real_ds.patch_shape}; "
                         "evaluate samples of a model trained on this data")
@@ -72,7 +76,7 @@ def load_sets(samples: str, real: str, real_split: str, heldout_split: str, n: i
     rng = np.random.default_rng(seed)
     heldout = None
     if heldout_split in real_ds.manifest.splits() and real_ds.manifest.count(heldout_split):
-        held = ShardedPatchDataset(real, heldout_split, verify="size")
+        held = open_dataset(real, heldout_split, "size", data_cache)
         heldout = Subset(held, pick(len(held), min(count, len(held)), rng))
     return EvalSets(generated=Subset(generated, list(range(count))),
                     real=Subset(real_ds, pick(len(real_ds), count, rng)),
@@ -130,13 +134,15 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
              n: int | None = None, seed: int = 0, extractor_name: str = "medicalnet_resnet10",
              weights: str | None = None, weights_sha256: str | None = None, channel: int = 0, batch: int = 4,
              rank: int = 0, world_size: int = 1, cache: str | None = None,
-             agreement_steps: int = 300) -> dict | None:
+             agreement_steps: int = 300, data_cache=None) -> dict | None:
     """Compute every figure; rank 0 writes the report and returns it (other ranks return None).
 
     ``cache``: a directory where the real sets' features and FID statistics are kept, keyed by
     the data manifest's digest, the extractor's SHA-256, the split, N, the seed and the channel;
     and the agreement's reference segmenter, keyed by the manifest, split and training settings.
     ``agreement_steps``: training steps of that segmenter.
+    ``data_cache``: :class:`~hpc_gan.data.cache.CacheSettings` of the real sets (node-local decoded
+    cache, as ``data.cache``); None reads the shards.
 
     Raises:
         DataError: bad sample or real sets (see :func:`load_sets`).
@@ -144,7 +150,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     """
     from hpc_gan.models.resnet3d import build_extractor
 
-    sets = load_sets(samples, real, real_split, heldout_split, n, seed)
+    sets = load_sets(samples, real, real_split, heldout_split, n, seed, data_cache)
     extractor, identity = build_extractor(extractor_name, weights, seed=seed, expected_sha256=weights_sha256)
     gen_f, gen_stats = embed(sets.generated, extractor, rank, world_size, seed, batch, channel)
     real_f, real_stats = embed_real(sets.real, real_split, extractor, identity, cache, rank, world_size, seed, batch,
@@ -171,7 +177,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     report["label_realism"] = label_figures(sets, Path(out))
     report["memorisation"] = memorisation
     report["agreement"] = agreement(sets, real, real_split, heldout_split if held else None, cache, seed,
-                                    agreement_steps)
+                                    agreement_steps, data_cache)
     from hpc_gan.privacy.audit import closest_pairs_png
 
     closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"], Path(out) / "closest_pairs.png")
@@ -231,7 +237,7 @@ def nn_figures(real: np.ndarray, generated: np.ndarray, heldout: np.ndarray | No
 
 
 def agreement(sets: EvalSets, real: str, real_split: str, heldout_split: str | None, cache: str | None, seed: int,
-              steps: int) -> dict:
+              steps: int, data_cache=None) -> dict:
     """Label–image agreement of the generated pairs against held-out real pairs (rank 0 only: no
     collectives). Errors (e.g. fewer training patches than the segmenter's batch) are reported."""
     from hpc_gan.eval.agreement import reference_segmenter, subset_figures, summarise
@@ -242,7 +248,7 @@ def agreement(sets: EvalSets, real: str, real_split: str, heldout_split: str | N
     baseline = Subset(baseline, list(range(min(len(baseline), AGREEMENT_SAMPLES))))
     try:  # e.g. fewer training patches than a batch, or a patch shape the U-Net cannot halve
         segmenter, identity = reference_segmenter(real, real_split, cache_dir=cache, seed=seed, steps=steps,
-                                                  device=device)
+                                                  device=device, data_cache=data_cache)
         figures = summarise(*subset_figures(generated, segmenter), *subset_figures(baseline, segmenter))
     except (DataError, ValueError) as exc:
         return {"error": str(exc)}

@@ -73,14 +73,15 @@ def synthetic_samples(source: Source, real: str, out: Path, seed: int) -> str:
     return str(target)
 
 
-def training_set(source: Source, real: str, samples: str | None):
-    from hpc_gan.data.dataset import ShardedPatchDataset
+def training_set(source: Source, real: str, samples: str | None, data_cache=None):
+    """A source's U-Net training patches (``data_cache``: node-local cache settings, or None)."""
+    from hpc_gan.data.cache import open_dataset
 
     parts = []
     if samples:
-        parts.append(ShardedPatchDataset(samples, "train", verify="size"))
+        parts.append(open_dataset(samples, "train", "size", data_cache))
     if source.with_real:
-        parts.append(ShardedPatchDataset(real, "train", verify="size"))
+        parts.append(open_dataset(real, "train", "size", data_cache))
     shapes = {p.patch_shape for p in parts}
     if len(shapes) > 1:
         raise DataError(f"source {source.name}: synthetic and real patches differ in shape ({shapes})")
@@ -204,13 +205,15 @@ def test_model(model, subjects, patch_shape, source: str, out: Path, batch: int)
 
 
 def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[dict]:
-    from hpc_gan.data.dataset import ShardedPatchDataset
+    from hpc_gan.cli_types import data_cache_settings
+    from hpc_gan.data.cache import open_dataset
     from hpc_gan.eval.segmentation import box_plots_png, summary_table, write_csv
 
     out = Path(args.out)
+    data_cache = data_cache_settings(args)
     sources = [parse_source(text) for text in args.source]
     subjects = test_subjects(args.real, args.images, args.labels, args.masks)
-    val_set = ShardedPatchDataset(args.real, "val", verify="size")
+    val_set = open_dataset(args.real, "val", "size", data_cache)
     rows: list[dict] = []
     for source in sources:
         samples = None
@@ -218,7 +221,7 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
             if rank == 0:
                 samples = synthetic_samples(source, args.real, out, args.seed)
             samples = _shared(samples, world)
-        dataset, patch_shape = training_set(source, args.real, samples)
+        dataset, patch_shape = training_set(source, args.real, samples, data_cache)
         log.info("source %s: %d training patches", source.name, len(dataset))
         model, best = train_unet(dataset, val_set, args, rank, world)
         if rank == 0:

@@ -85,6 +85,7 @@ class EvalJob:
 
     def __call__(self) -> dict:
         from hpc_gan import dist
+        from hpc_gan.data.cache import CacheSettings
         from hpc_gan.eval.evaluate import evaluate
         from hpc_gan.sample import sample_to_disk
 
@@ -95,7 +96,7 @@ class EvalJob:
                            overwrite=True)
         dist.barrier()
         evaluate(str(samples), cfg.data.root, str(cfg.run_dir / "eval"), seed=self.seed, rank=env.rank,
-                 world_size=env.world_size)
+                 world_size=env.world_size, data_cache=CacheSettings.from_config(cfg.data))
         return {"report": str(cfg.run_dir / "eval" / "report.json")}
 
 
@@ -142,6 +143,8 @@ class TstrJob:
         source = "real" if self.source == "real" else f"{cfg.variant}={newest_consolidated(cfg.run_dir)}"
         args = argparse.Namespace(real=cfg.data.root, source=[source], out=self.out, steps=self.steps, val_every=100,
                                   patience=5, batch=cfg.train.batch_size, lr=1e-4, channels=[32, 64, 128, 256],
-                                  seed=self.seed, **self.nifti)
+                                  seed=self.seed, data_cache=cfg.data.cache, data_cache_dir=cfg.data.cache_dir,
+                                  data_cache_dtype=cfg.data.cache_image_dtype, keep_data_cache=cfg.data.cache_keep,
+                                  **self.nifti)
         run_tstr(args, env.rank, env.world_size)
         return {"scores": os.path.join(self.out, "scores.csv")}

@@ -16,8 +16,10 @@ MedicalNet's segmentation head ``conv_seg`` is not built: a checkpoint's ``conv_
 ignored. The total stride is 8, so a (B, 1, 32, 32, 16) input reaches ``layer4`` as
 (B, 512, 4, 4, 2) and its feature vector is (B, 512).
 
-The MedicalNet weights cannot be shipped or downloaded here. Without them
-:func:`build_extractor` returns a fixed-seed random network whose identity says it is not
+The MedicalNet weights are not shipped: ``hpc_gan weights fetch medicalnet_resnet10`` downloads
+the pinned, digest-checked file into the Hugging Face cache (:mod:`hpc_gan.models.pretrained`),
+and ``weights="medicalnet_resnet10"`` then finds it there without network access. Without
+weights :func:`build_extractor` returns a fixed-seed random network whose identity says it is not
 comparable with published FIDs (its FIDs are only comparable with each other).
 
 Example:
@@ -42,6 +44,7 @@ from torch import nn
 
 from hpc_gan.io import file_sha256
 from hpc_gan.errors import CheckpointError, ConfigError
+from hpc_gan.models import pretrained
 
 __all__ = [
     "ARCHITECTURES",
@@ -334,9 +337,26 @@ def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: 
                                   f"the model's is {tuple(expected[key].shape)}; {hint}")
 
 
+def _resolve_pinned(name: str, weights: str, expected_sha256: str | None) -> tuple[Path, str, str]:
+    """(cached file, its pinned SHA-256, a note naming its source) of a name in ``pretrained.PRETRAINED``."""
+    pin = pretrained.lookup(weights)
+    if pin.architecture != name:
+        raise ConfigError(f"weights {weights} fit {pin.architecture}, not the extractor {name}; "
+                          f"pass --extractor {pin.architecture} (or other weights)")
+    if expected_sha256 is not None and expected_sha256.lower() != pin.sha256:
+        raise CheckpointError(f"--weights-sha256 {expected_sha256} contradicts the pinned SHA-256 {pin.sha256} "
+                              f"of {weights}; drop --weights-sha256 (pinned weights are always checked)")
+    note = f"MedicalNet weights (Chen et al. 2019): {pin.repo_id}/{pin.filename}@{pin.revision[:7]}"
+    return pretrained.cached_path(weights), pin.sha256, note
+
+
 def build_extractor(name: str = "medicalnet_resnet10", weights: str | os.PathLike | None = None,
                     seed: int = 0, expected_sha256: str | None = None) -> tuple[ResNet3d, dict]:
     """The frozen feature extractor and a record of exactly which one it is.
+
+    ``weights`` may name pinned Hub weights (a key of :data:`hpc_gan.models.pretrained.PRETRAINED`,
+    e.g. ``"medicalnet_resnet10"``): the file fetched by ``hpc_gan weights fetch`` is then read from
+    the Hugging Face cache, without network access, and its SHA-256 must equal the pin.
 
     With ``weights``, a MedicalNet checkpoint is loaded: a raw state dict or
     ``{"state_dict": ...}``, keys optionally prefixed ``module.`` (DataParallel), ``conv_seg.*``
@@ -348,7 +368,8 @@ def build_extractor(name: str = "medicalnet_resnet10", weights: str | os.PathLik
 
     Args:
         name: one of :data:`ARCHITECTURES` (the paper uses ``"medicalnet_resnet10"``).
-        weights: path of a MedicalNet checkpoint, or ``None`` for the random extractor.
+        weights: name of pinned weights, path of a MedicalNet checkpoint, or ``None`` for the
+            random extractor.
         seed: seed of the random extractor (ignored with ``weights``).
         expected_sha256: if given, the checkpoint file's SHA-256 must equal it.
 
@@ -360,10 +381,11 @@ def build_extractor(name: str = "medicalnet_resnet10", weights: str | os.PathLik
         weights), "comparable" (True only with weights), "note"}``.
 
     Raises:
-        ConfigError: unknown ``name``.
-        CheckpointError: the weights file is missing, unreadable, has another SHA-256 than
-            ``expected_sha256``, or does not fit the architecture (the message names the first
-            missing or unexpected key, or the first key whose shape differs).
+        ConfigError: unknown ``name``, or pinned weights of another architecture.
+        CheckpointError: the weights file is missing (pinned weights: not fetched yet, the
+            message says where to fetch them), unreadable, has another SHA-256 than
+            ``expected_sha256`` or the pin, or does not fit the architecture (the message names
+            the first missing or unexpected key, or the first key whose shape differs).
     """
     # Built on the meta device and materialised uninitialised: every value is then set below,
     # from `seed` or from the file, and PyTorch's default init never draws from the global RNG.
@@ -378,13 +400,15 @@ def build_extractor(name: str = "medicalnet_resnet10", weights: str | os.PathLik
         identity = {"name": name, "weights": "random", "seed": int(seed),
                     "sha256": state_dict_sha256(model.state_dict()), "comparable": False, "note": RANDOM_NOTE}
     else:
-        path = Path(weights)
+        path, note = Path(weights), "MedicalNet weights (Chen et al. 2019)"
+        if str(weights) in pretrained.PRETRAINED:
+            path, expected_sha256, note = _resolve_pinned(name, str(weights), expected_sha256)
         raw, sha256 = _read_checkpoint(path, expected_sha256)
         state_dict = _medicalnet_keys(raw)
         _check_keys(model, state_dict, path, name)
         model.load_state_dict(state_dict, strict=True)
         identity = {"name": name, "weights": str(path), "seed": None, "sha256": sha256, "comparable": True,
-                    "note": "MedicalNet weights (Chen et al. 2019)"}
+                    "note": note}
     model.eval()
     model.requires_grad_(False)
     return model, identity

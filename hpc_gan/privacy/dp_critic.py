@@ -2,7 +2,7 @@
 
 The critic is the only network that reads real patches, so only its optimiser steps spend
 privacy; the generator learns from the critic's (already private) parameters and is
-post-processing. The recipe (DESIGN.md, configs/variants/dp.yaml):
+post-processing. The recipe (DESIGN.md, hpc_gan/configs/variants/dp.yaml):
 
 * GroupNorm critic (Opacus computes per-sample gradients for neither BatchNorm nor spectral norm);
 * no gradient penalty (Opacus' hooks miss its second-order term): WGAN weight clipping to

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from hpc_gan import dist as hdist
 from hpc_gan.config import RunConfig, save_config, to_dict
+from hpc_gan.data.cache import CacheSettings, batch_to_device, open_cached_split
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
 from hpc_gan.io import torch_save_atomic, write_text_atomic
@@ -343,7 +344,7 @@ class Trainer(TrainingLoop):
         self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
         self.dtype = DTYPES[self.precision]
         self.loader = PatchLoader(self.dataset, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
-                                  cfg.train.num_workers)
+                                  cfg.train.num_workers, compact=True)
         self.total_steps = cfg.train.max_steps or (cfg.train.epochs * self.loader.batches_per_epoch()
                                                    // cfg.train.n_critic)
         self.generator, self.critic = self._engines()
@@ -382,7 +383,7 @@ class Trainer(TrainingLoop):
         return self.loader.epoch
 
     def _real_batches(self):
-        return (to_model_range(b).to(self.device, self.dtype, non_blocking=True) for b in self.loader)
+        return (to_model_range(batch_to_device(b, self.device, self.dtype)) for b in self.loader)
 
     def iteration(self) -> StepResult:
         t = self.cfg.train
@@ -414,9 +415,13 @@ class Trainer(TrainingLoop):
         self.loader.load_state_dict(state["data"])
 
 
-def _verified_dataset(cfg: RunConfig, rank: int) -> ShardedPatchDataset:
+def _verified_dataset(cfg: RunConfig, rank: int):
     """Rank 0 checks the shards (reading every byte once is enough) and tells every rank the
-    verdict, so that all ranks stop with the same error instead of some waiting forever."""
+    verdict, so that all ranks stop with the same error instead of some waiting forever.
+    With ``data.cache`` one process per node checks and decodes them (hpc_gan.data.cache)."""
+    cache = CacheSettings.from_config(cfg.data)
+    if cache.mode != "none":
+        return open_cached_split(cfg.data.root, cfg.data.split, cfg.data.verify, cache, max(1, cfg.train.num_workers))
     verdict = [""]
     if rank == 0:
         try:
