@@ -304,7 +304,7 @@ def print_dry_run(runs: list[PlannedRun], cluster: str) -> None:
         print(yaml.safe_dump(config_mod.to_dict(run.cfg), sort_keys=False), end="")
         if run.cfg.privacy.enabled:
             print(f"# ---- {run.variant}: no DeepSpeed: DP-SGD critic with Opacus across {world} rank(s), fp32 "
-                  "(hpc_gan/privacy/dp_trainer.py, docs/PRIVACY.md)")
+                  "(hpc_gan.train.dp_trainer.py, docs/PRIVACY.md)")
             continue
         print(f"# ---- {run.variant}: DeepSpeed generator config (world size {world})")
         print(json.dumps(generator_config(run.cfg, world, cuda), indent=1))

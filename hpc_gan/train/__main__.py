@@ -5,7 +5,7 @@
     mpiexec -n 2 python -m hpc_gan.train --variant gp --profile smoke
 
 Runs with ``privacy.enabled`` (variant dp) are trained by the DP-SGD trainer
-(:mod:`hpc_gan.privacy.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
+(:mod:`hpc_gan.train.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def trainer_class(cfg):
     """The DP-SGD trainer (Opacus) for privacy.enabled runs, the DeepSpeed trainer otherwise."""
     if cfg.privacy.enabled:
-        from hpc_gan.privacy.dp_trainer import DPTrainer
+        from hpc_gan.train.dp_trainer import DPTrainer
 
         return DPTrainer
     from hpc_gan.train.trainer import Trainer

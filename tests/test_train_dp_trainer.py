@@ -18,7 +18,7 @@ from hpc_gan.config import load_config  # noqa: E402
 from hpc_gan.dist import DistEnv, without_launcher_env  # noqa: E402
 from hpc_gan.errors import CheckpointError, ConfigError  # noqa: E402
 from hpc_gan.privacy.accounting import epsilon  # noqa: E402
-from hpc_gan.privacy.dp_trainer import DPTrainer, PoissonBatches  # noqa: E402
+from hpc_gan.train.dp_trainer import DPTrainer, PoissonBatches  # noqa: E402
 from hpc_gan.train.consolidate import consolidate, load_generator  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,10 @@ def test_records_carry_the_epsilon_spent(trained):
 def test_checkpoint_holds_the_privacy_record(trained):
     where = trained.ckpt_root / "step-00000004"
     state = json.loads((where / "state.json").read_text())
-    assert state["trainer"] == "dp" and (where / "dp_state.pt").is_file() and (where / "COMPLETE").is_file()
+    assert state["trainer"] == "dp" and (where / "COMPLETE").is_file()
+    for name in ("dp_generator.pt", "dp_critic.pt", "dp_noise.pt"):  # recorded with size and digest
+        assert state["files"][name]["size"] == (where / name).stat().st_size
+    assert "sampling_seed" not in json.dumps(state)  # the secret seed stays in dp_noise.pt
     assert state["privacy"]["critic_steps"] == 20 and state["privacy"]["training_patches"] == 15
     assert state["privacy"]["epsilon"] == pytest.approx(trained.private.epsilon(trained.delta))
 
@@ -175,11 +178,11 @@ def test_resume_with_other_privacy_settings_is_refused(smoke_shards, tmp_path):
 def test_damaged_dp_checkpoint_is_refused(smoke_shards, tmp_path):
     first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE)
     first.fit()
-    state = first.ckpt_root / "step-00000001" / "dp_state.pt"
+    state = first.ckpt_root / "step-00000001" / "dp_generator.pt"
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*dp_generator\.pt has 100 bytes"):
         DPTrainer(_cfg(smoke_shards, tmp_path), SINGLE).fit()
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match=r"dp_generator\.pt has 100 bytes"):
         consolidate(first.run_dir)
 
 
