@@ -175,6 +175,31 @@ def test_resume_with_other_privacy_settings_is_refused(smoke_shards, tmp_path):
         other.fit()
 
 
+def test_a_refused_resume_leaves_the_run_untouched(smoke_shards, tmp_path):
+    """Issue 13, item 6: a refused resume must not have rewritten config.yaml or the metrics."""
+    first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE)
+    first.fit()
+    files = [first.run_dir / "config.yaml", first.run_dir / "metrics.jsonl"]
+    before = [f.read_bytes() for f in files]
+    with pytest.raises(CheckpointError, match="privacy accounting would be wrong"):
+        DPTrainer(_cfg(smoke_shards, tmp_path, "privacy.noise_multiplier=0.7", "train.lr_critic=0.5"), SINGLE).fit()
+    assert [f.read_bytes() for f in files] == before
+
+
+def test_torn_metrics_line_after_a_checkpoint_resumes_into_one_log(smoke_shards, tmp_path):
+    """Issue 13, item 2: a job killed while appending left a torn line after the checkpoint."""
+    first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=2", "train.checkpoint_every=1"), SINGLE)
+    first.fit()
+    metrics = first.run_dir / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"step": 3, "loss_cri')
+    (first.ckpt_root / "step-00000002" / "COMPLETE").unlink()  # killed before step 2's checkpoint was whole
+    resumed = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=3", "train.checkpoint_every=1"), SINGLE)
+    assert resumed.resume_point.tag == "step-00000001"
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_damaged_dp_checkpoint_is_refused(smoke_shards, tmp_path):
     first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE)
     first.fit()
