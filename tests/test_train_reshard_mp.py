@@ -63,3 +63,47 @@ def test_the_log_says_what_was_converted(work):
     assert any("written by 1 ranks, this job has 2: converted generator (ZeRO shards of 1 ranks), critic" in line
                for line in lines)
     assert any("written by 2 ranks, this job has 1" in line and "RNG streams seeded" in line for line in lines)
+
+
+def _flip(path: Path, at: int, n: int = 16) -> None:
+    """Invert n bytes (same size): the damage that used to be resumed without a word."""
+    data = bytearray(path.read_bytes())
+    data[at:at + n] = bytes(255 - b for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_zero_shard_is_named_and_never_consolidated(work, tmp_path, capsys):
+    import shutil
+
+    from hpc_gan.cli import main
+    from hpc_gan.errors import CheckpointError
+    from hpc_gan.train.consolidate import consolidate
+
+    run = tmp_path / "run"
+    shutil.copytree(work["dir"] / "a" / "run" / "sn", run)
+    shard = run / "checkpoints" / "step-00000004" / "generator" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _flip(shard, shard.stat().st_size // 2)
+    assert main(["checkpoints", str(run)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert "step-00000002" in rows[1] and rows[1].split()[2] == "1" and rows[1].endswith("ok")
+    assert rows[2].split()[2] == "2" and f"DAMAGED: {shard} has SHA-256" in rows[2]
+    with pytest.raises(CheckpointError, match=f"{shard} has SHA-256 .* was written"):
+        consolidate(run, "step-00000004")
+    assert not (run / "consolidated").exists()
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: named too (was a zip-reader traceback)
+    with pytest.raises(CheckpointError, match=f"{shard} has 1000 bytes"):
+        consolidate(run, "step-00000004")
+
+
+def test_consolidated_generator_carries_its_digest(work, tmp_path):
+    from hpc_gan.errors import CheckpointError
+    from hpc_gan.train.consolidate import consolidate, load_generator
+
+    path = consolidate(work["dir"] / "b" / "run" / "sn", out=tmp_path / "g.pt")  # ZeRO-3 shards of 1 rank
+    load_generator(path)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][name].view(-1)[0] += 1.0  # damaged weights, no sidecar to tell
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="do not match the digest recorded inside"):
+        load_generator(tmp_path / "damaged.pt")

@@ -96,7 +96,7 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
 
 
 def _fp32(weights: dict) -> dict:
-    return {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
+    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach() for k, v in weights.items()}
 
 
 def _ema(where: Path) -> dict | None:
