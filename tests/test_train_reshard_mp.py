@@ -28,7 +28,7 @@ RUNS = {"a": (1, 1, 1, 2), "c": (2, 2, 1, 2), "b": (3, 2, 2, 1)}  # name: (ZeRO 
 def work(smoke_shards, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("reshard")
     logs = {}
-    for nproc, actions in ((1, "write:a:1:1:2,write:c:2:2:2"), (2, "resume:a:1:1:4,resume:c:2:2:4,write:b:3:2:2"),
+    for nproc, actions in ((1, "write:a:1:1:2,write:c:2:2:2"), (2, "resume:a:1:1:4,resume:c:2:2:4,write:b:3:2:2,full:f:2:2:3"),
                            (1, "resume:b:3:2:4")):
         done = torchrun(SCRIPT, str(smoke_shards), str(work), actions, nproc=nproc)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -107,3 +107,15 @@ def test_consolidated_generator_carries_its_digest(work, tmp_path):
     torch.save(payload, tmp_path / "damaged.pt")
     with pytest.raises(CheckpointError, match="do not match the digest recorded inside"):
         load_generator(tmp_path / "damaged.pt")
+
+
+def test_a_full_disk_on_one_rank_is_one_line_on_every_rank(work):
+    """Issue 13, item 8: DeepSpeed's writer fails on rank 1 while saving step 2."""
+    from hpc_gan.train import checkpoint as ckpt
+
+    lines = [(work["dir"] / f"f-full-{rank}.txt").read_text() for rank in (0, 1)]
+    assert lines[0] == lines[1] and "\n" not in lines[0]
+    assert lines[0].startswith("no space left on device writing ") and "step-00000002" in lines[0]
+    assert "checkpoint step-00000001 is intact" in lines[0]
+    root = work["dir"] / "f" / "run" / "sn" / "checkpoints"
+    assert ckpt.complete_tags(root) == ["step-00000001"] and not (root / "step-00000002").exists()

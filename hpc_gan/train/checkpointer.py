@@ -154,8 +154,14 @@ class Checkpointer:
         where.mkdir(parents=True)
 
     def _write_parts(self, where: Path) -> None:
-        for part in self._of(SHARDED):
-            part.obj.save_shards(where / part.key)
+        failed = None
+        for part in self._of(SHARDED):  # collective: every rank saves every one, even after a failure
+            try:
+                part.obj.save_shards(where / part.key)
+            except Exception as exc:  # noqa: BLE001 — raised after the other ranks' collectives
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         for part in self._of(SHARED):
             if self.rank == 0:
                 state = part.obj.state_dict()
@@ -271,11 +277,20 @@ def _load_into(part: Part, state: Any, path: Path) -> None:
                               "resume from a checkpoint of this run") from None
 
 
+class WriteFailed(Exception):
+    """A write that failed inside a library's writer, with the file it was writing."""
+
+    def __init__(self, filename: str | os.PathLike, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.filename, self.cause = str(filename), cause
+
+
 def write_failure(exc: BaseException, where: Path) -> str:
     """One line for a failed checkpoint write: "no space left on device writing <file>" when the
     disk (or quota) is full, else "cannot write <file> (<error>)". torch's writers raise
     RuntimeError without errno, so little free space on ``where``'s file system counts as full."""
     filename = getattr(exc, "filename", None) or _newest_file(where) or where
+    exc = exc.cause if isinstance(exc, WriteFailed) else exc
     full = isinstance(exc, OSError) and exc.errno in DISK_FULL
     if not full and isinstance(exc, (OSError, RuntimeError)):
         full = _free_bytes(where) < LOW_SPACE_BYTES
@@ -337,7 +352,25 @@ class EnginePart:
         self.engine, self.name = engine, name
 
     def save_shards(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        """DeepSpeed's collective save. A file write that fails (full disk) is held back until the
+        save returns: raising inside it would leave this rank out of DeepSpeed's closing barrier
+        while the others wait there, and the checkpointer's agreement could never line up."""
+        writer, failures = self.engine.checkpoint_engine, []
+        save = writer.save
+
+        def holding_save(state_dict, path, *args, **kwargs):
+            try:
+                return save(state_dict, path, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 — re-raised below, after DeepSpeed's collectives
+                failures.append(WriteFailed(path, exc))
+
+        writer.save = holding_save
+        try:
+            self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        finally:
+            del writer.save  # the class's method again
+        if failures:
+            raise failures[0]
 
     def load_shards(self, directory: Path, universal: bool = False) -> None:
         """Load shards (verified by :meth:`Checkpointer.select` before this call). For

@@ -6,6 +6,9 @@ Usage: reshard_scenarios.py DATA_ROOT WORK_DIR ACTION:NAME:G:D:STEPS[,...]
   resume resume run NAME (written by another number of ranks) up to STEPS steps; the gathered
          states right after loading go to NAME-resumed-<world>.pt, and a JSON report to
          NAME-resumed-<world>.json (steps, losses after the resume)
+  full   train NAME for STEPS steps with a checkpoint every step; from the second checkpoint on,
+         DeepSpeed's torch.save fails on the last rank as on a full disk (RuntimeError without
+         errno, little free space); every rank's error line goes to NAME-full-<rank>.txt
 """
 
 from __future__ import annotations
@@ -43,12 +46,44 @@ def optimizer_states(t: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in out.items()}
 
 
+def disk_full(t: Trainer, work: Path, name: str) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from hpc_gan.errors import CheckpointError
+    from hpc_gan.train import checkpointer
+
+    t.cfg.train.checkpoint_every = 1
+    save, saves = TorchCheckpointEngine.save, []
+
+    def failing_save(self, state_dict, path):
+        saves.append(path)
+        if "step-00000001" not in str(path) and ENV.rank == ENV.world_size - 1:
+            with open(path, "wb") as handle:  # a partial file, as a full disk leaves it
+                handle.write(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        save(self, state_dict, path)
+
+    TorchCheckpointEngine.save = failing_save
+    checkpointer._free_bytes = lambda where: 0
+    try:
+        t.fit()
+        message = "no error"
+    except CheckpointError as exc:
+        message = str(exc)
+    finally:
+        TorchCheckpointEngine.save = save
+    (work / f"{name}-full-{ENV.rank}.txt").write_text(message)
+
+
 def main() -> None:
     data, work, actions = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
     hdist.init_process_group(ENV)
     for action in actions:
         kind, name, g, d, steps = action.split(":")
         t = make_trainer(data, work, name, int(g), int(d), int(steps))
+        if kind == "full":
+            disk_full(t, work, name)
+            continue
         if kind == "write":
             t.fit()
             states = optimizer_states(t)
