@@ -267,3 +267,18 @@ def test_checkpoints_command_lists_tags_steps_world_sizes_and_integrity(tmp_path
     assert out[1].split()[:4] == ["step-00000010", "10", "1", "4"] and out[1].endswith("ok")
     assert out[2].startswith("step-00000020") and "latest" in out[2] and "DAMAGED" in out[2] and "weights.pt" in out[2]
     assert main(["checkpoints", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_checkpoint_written_before_records_and_parts_still_resumes(tmp_path, caplog):
+    """state.json of earlier versions: no "files", the data cursor at the top level."""
+    cp, _ = _checkpointer(tmp_path, fill=4.0)
+    where = cp.save(10, {})
+    state = ckpt.read_state(where)
+    legacy = {k: v for k, v in state.items() if k not in ("parts", "files")} | {"loop": state["parts"]["loop"]}
+    (where / ckpt.STATE).write_text(json.dumps(legacy))
+    fresh, parts = _checkpointer(tmp_path, fill=0.0)
+    with caplog.at_level("WARNING"):
+        point = fresh.select()
+    assert "records no file digests" in caplog.text
+    fresh.load(point)
+    assert parts["loop"].value == 4 and torch.equal(parts["weights"].tensor, torch.full((3, 2), 4.0))

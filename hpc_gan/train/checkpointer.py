@@ -259,7 +259,8 @@ class Checkpointer:
                 _load_into(part, ckpt.load_torch(path, f" ({part.key})"), path)
         parts = point.state.get("parts", {})
         for part in self._of(JSON):
-            saved = parts.get(part.key)
+            # checkpoints written before parts existed kept some (the data cursor) at the top level
+            saved = parts.get(part.key) if "parts" in point.state else point.state.get(part.key)
             if saved is None and not part.optional:
                 raise CheckpointError(f"{where / ckpt.STATE} has no '{part.key}' state; resume from a checkpoint "
                                       "written by this version of hpc_gan")

@@ -167,9 +167,11 @@ class MetricsPosition:
     def state_dict(self) -> dict:
         return {"step": int(self.step())}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        """Cut the log back to the saved step (None, from a checkpoint without this part: the
+        loop's current step, i.e. the checkpoint's)."""
         if self.rank == 0:
-            truncate_after(self.path, int(state["step"]))
+            truncate_after(self.path, int(state["step"]) if state else int(self.step()))
 
 
 def truncate_after(path: Path, step: int) -> None:

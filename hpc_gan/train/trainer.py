@@ -284,15 +284,17 @@ class TrainingLoop:
             self.ema = gen_ema.for_run(t.ema_decay, t.ema_warmup, self.generator_module)
             cp.register("generator_ema", _EMAPart(self), SHARED, optional=True)
         cp.register("rng", RNGPart(self.rng, t.seed), PER_RANK)
-        cp.register("loop", self, JSON)
+        # optional: checkpoints written before these parts existed hold only the top-level step
+        cp.register("loop", self, JSON, optional=True)
         cp.register("metrics", MetricsPosition(self.run_dir / "metrics.jsonl", self.env.rank, lambda: self.step),
-                    JSON)
+                    JSON, optional=True)
 
     def state_dict(self) -> dict:
         """The loop's own position (the "loop" part)."""
         return {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {"step": self.step}
         self.step, self.nonfinite_steps = int(state["step"]), int(state.get("nonfinite_steps", 0))
 
     def save(self, evaluated: dict | None = None, best: bool = False) -> Path:
@@ -301,6 +303,8 @@ class TrainingLoop:
         ``evaluated``: this step's in-training evaluation, kept in state.json; ``best``: it has
         the lowest FID so far, so ``checkpoints/best`` will name this checkpoint."""
         self._average_batchnorm_buffers()
+        if self.ema is not None:
+            self.ema.copy_buffers_from(self.generator_module)  # the rank average, as in generator_buffers
         meta = {"epoch": self.epoch, "variant": self.cfg.variant, "precision": self.precision,
                 "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
                 **self._state_extra(), **({"eval": evaluated} if evaluated else {})}
@@ -315,6 +319,7 @@ class TrainingLoop:
             if self.env.rank == 0:  # records of a job killed before its first checkpoint
                 MetricsPosition(self.run_dir / "metrics.jsonl", 0, lambda: 0).load_state_dict({"step": 0})
             return None
+        self.step = point.step
         self.checkpointer.load(point)
         return point.tag
 
@@ -450,7 +455,6 @@ class _EMAPart:
         self.loop = loop
 
     def state_dict(self) -> dict:
-        self.loop.ema.copy_buffers_from(self.loop.generator_module)  # the rank average, as in generator_buffers
         return self.loop.ema.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
