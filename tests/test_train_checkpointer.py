@@ -150,6 +150,12 @@ def test_damaged_newest_checkpoint_falls_back_with_one_line(tmp_path, damage, ca
     assert len(lines) == 1 and str(shard) in lines[0] and "step-00000020" in lines[0]
     fresh.load(point)
     assert parts["loop"].value == 1
+    # set aside, so the resumed run saves step 20 again and pruning never counts it as good
+    assert (tmp_path / "step-00000020.damaged").is_dir() and ckpt.complete_tags(tmp_path) == ["step-00000010"]
+    parts["loop"].value = 7
+    fresh.save(20, {})
+    assert ckpt.read_state(tmp_path / "step-00000020")["parts"]["loop"] == {"value": 7}
+    assert ckpt.newest_complete(tmp_path) == "step-00000020"
 
 
 def test_no_intact_checkpoint_is_one_error(tmp_path):

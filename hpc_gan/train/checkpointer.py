@@ -72,6 +72,7 @@ class ResumePoint:
     where: Path
     state: dict
     skipped: list[str] = field(default_factory=list)  # one line per newer checkpoint found damaged
+    damaged: list[str] = field(default_factory=list)  # their tags
 
     @property
     def world_size(self) -> int:
@@ -191,6 +192,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ resume
 
+    def _set_aside(self, tags: list[str]) -> None:
+        """Rename damaged checkpoints newer than the one resumed to ``<tag>.damaged`` (kept for
+        inspection): the resumed run must be able to save those steps again, and neither
+        ``latest`` nor pruning may count them as good."""
+        for tag in tags:
+            target = self.root / f"{tag}.damaged"
+            n = 1
+            while target.exists():
+                target, n = self.root / f"{tag}.damaged-{n}", n + 1
+            (self.root / tag).rename(target)
+            log.warning("moved the damaged checkpoint %s to %s", tag, target.name)
+
     def select(self) -> ResumePoint | None:
         """The newest COMPLETE checkpoint whose state.json reads and whose files match their
         record (collective; every rank gets the same answer). Writes nothing.
@@ -201,7 +214,7 @@ class Checkpointer:
         Raises:
             CheckpointError: COMPLETE checkpoints exist but none is intact.
         """
-        skipped, first = [], ""
+        skipped, damaged, first = [], [], ""
         for tag in ckpt.resume_candidates(self.root):
             where = self.root / tag
             try:
@@ -214,13 +227,14 @@ class Checkpointer:
             if not problems:
                 if skipped and self.rank == 0:
                     log.warning("resuming from %s, the newest intact checkpoint", tag)
-                return ResumePoint(tag, where, state, skipped)
+                return ResumePoint(tag, where, state, skipped, damaged)
             first = first or problems[0]
             line = f"checkpoint {tag} is damaged: {problems[0]}; falling back to the previous complete one"
             if self.rank == 0:
                 log.warning("%s", line)
                 print(f"warning: {line}", flush=True)
             skipped.append(line)
+            damaged.append(tag)
         if skipped:
             raise CheckpointError(f"no intact checkpoint in {self.root} (newest: {first}); copy the run's "
                                   "checkpoints back or remove the directory to start over")
@@ -236,6 +250,7 @@ class Checkpointer:
         """
         where, resharded = point.where, point.world_size != self.world_size
         self.converted = []
+        self._phase(where, lambda: self._set_aside(point.damaged) if self.rank == 0 else None)
         for part in self._of(SHARDED):
             source = where / part.key
             if resharded:
