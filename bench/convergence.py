@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -211,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, train_wall, config = train(args, shards, work)
             rows = evaluate_checkpoints(run_dir, shards, args.samples, work, submitted, args.agreement_steps,
                                         args.eval_every)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        from hpc_gan.io import read_jsonl
+
+        records = read_jsonl(run_dir / "metrics.jsonl")
         evals = [r["eval"] for r in records if is_eval(r)]
         eval_seconds = sum(e.get("seconds", 0.0) for e in evals)
         result = {

@@ -4,7 +4,7 @@
 Both sides run the dp variant's iteration (``n_critic`` critic steps with weight clipping, then a
 generator step) on the same networks, batch size, data and precision (fp32, 1 rank, CPU or one GPU):
 
-* ``dp``: :class:`hpc_gan.privacy.dp_trainer.DPTrainer` — Poisson batches, Opacus per-sample
+* ``dp``: :class:`hpc_gan.train.dp_trainer.DPTrainer` — Poisson batches, Opacus per-sample
   gradients, clipping and noise;
 * ``plain``: the same GroupNorm critic and generator with ``torch.optim.Adam`` on fixed-size
   batches from the trainer's ``PatchLoader`` (no per-sample gradients, no noise).
@@ -37,7 +37,7 @@ from hpc_gan import dist  # noqa: E402
 from hpc_gan.config import load_config  # noqa: E402
 from hpc_gan.data.dataset import PatchLoader  # noqa: E402
 from hpc_gan.privacy.dp_critic import clip_weights  # noqa: E402
-from hpc_gan.privacy.dp_trainer import DPTrainer  # noqa: E402
+from hpc_gan.train.dp_trainer import DPTrainer  # noqa: E402
 from hpc_gan.train.steps import to_model_range  # noqa: E402
 
 from _report import emit  # noqa: E402

@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": ("hpc_gan.eval.compare", "several evaluation reports in one table and one PRD plot"),
     "tstr": ("hpc_gan.eval.cli_tstr", "train a 3D U-Net per source (real / synthetic / both), test on real: DSC, bAVD"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
+    "checkpoints": ("hpc_gan.train.cli_checkpoints", "a run's checkpoints: tags, steps, world size, sizes, integrity"),
     "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
     "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
     "sample": ("hpc_gan.sample_cli", "generate patches from a consolidated generator"),

@@ -137,7 +137,9 @@ def print_summary(cfg, out: Path, ids: list[str], generator_file: Path, report_d
                   seconds: float) -> None:
     from hpc_gan.train.metrics import is_eval
 
-    written = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    from hpc_gan.io import read_jsonl
+
+    written = read_jsonl(cfg.run_dir / "metrics.jsonl")
     records = [r for r in written if not is_eval(r)]
     evals = [r for r in written if is_eval(r)]
     first, last = records[0], records[-1]

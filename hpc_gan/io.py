@@ -113,3 +113,37 @@ def file_sha256(path: str | os.PathLike, chunk: int = CHUNK) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file that a killed job may have been appending to.
+
+    A last line that does not parse (the job died mid-write, e.g. ``{"step": 15, "loss_cri``) is
+    dropped; so is any other line that does not parse (logged), since one damaged record must
+    not make the whole log unreadable. A missing file has no records.
+
+    Returns:
+        The parsed JSON objects, in file order.
+    """
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    records, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines) - (lines[-1] == ""):  # not the torn tail: say so
+            bad.append(number)
+    if bad:
+        logging.getLogger(__name__).warning("%s: skipped %d line(s) that are not JSON objects (first: line %d)",
+                                            path, len(bad), bad[0])
+    return records

@@ -476,7 +476,7 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
     """
     from tqdm import tqdm
 
-    from hpc_gan.train.consolidate import load_generator
+    from hpc_gan.models.generator_file import load_generator
 
     _check_request(n, seed, batch)
     if fmt not in FORMATS:

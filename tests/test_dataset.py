@@ -119,9 +119,42 @@ def test_cursor_resumes_with_the_next_unseen_patch(packed):
     resumed = PatchLoader(ds, 3, rank=0, world_size=2, seed=4)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     torch.testing.assert_close(torch.cat([head, _stream(resumed, 7)]), straight, rtol=0, atol=0)
-    other = PatchLoader(ds, 3, rank=0, world_size=4, seed=4)
-    with pytest.raises(DataError, match="world_size was 2 when saved and is 4 now"):
+    other = PatchLoader(ds, 3, rank=0, world_size=2, seed=5)
+    with pytest.raises(DataError, match="seed was 4 when saved and is 5 now"):
         other.load_state_dict(state)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Patch i is the number i: what a loader reads is visible."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor(index)
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
+def test_cursor_redeals_the_rest_of_the_epoch_on_another_world_size(old, new):
+    n, batch = 23, 2
+    readers = [PatchLoader(_Indices(n), batch, rank=r, world_size=old, seed=7) for r in range(old)]
+    streams = [iter(loader) for loader in readers]
+    seen = [int(i) for _ in range(2) for stream in streams for i in next(stream)]  # 2 steps on every rank
+    state = json.loads(json.dumps(readers[0].state_dict()))
+    assert state["read"] == len(seen) == 2 * batch * old
+    resumed = [PatchLoader(_Indices(n), batch, rank=r, world_size=new, seed=7) for r in range(new)]
+    for loader in resumed:
+        loader.load_state_dict(state)
+    rest = [int(i) for loader in resumed for b in loader.epoch_batches() for i in b]
+    order = RankShare(n, seed=7).indices(0).tolist()  # the epoch's permutation
+    assert sorted(seen) == sorted(order[:len(seen)])           # what was read before is the permutation's head
+    assert not set(seen) & set(rest) and len(set(rest)) == len(rest)  # nothing repeated
+    assert set(rest) <= set(order[len(seen):])
+    assert n - len(seen) - len(rest) < new * batch              # only the epoch's short tail is left out
+    assert all(loader.epoch == 1 and loader.state_dict()["read"] == 0 for loader in resumed)
 
 
 def test_batch_larger_than_share(packed):

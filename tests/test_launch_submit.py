@@ -83,12 +83,12 @@ def test_missing_manifest(tmp_path, capsys):
     assert_one_line_error(capsys, "does not exist", "pack")
 
 
-def _fake_checkpoint(run_dir: Path, variant: str) -> None:
+def _fake_checkpoint(run_dir: Path, variant: str, world_size: int | None = None) -> None:
     from hpc_gan.train import checkpoint as ckpt
 
     where = run_dir / "checkpoints" / ckpt.tag_of(10)
     where.mkdir(parents=True)
-    (where / ckpt.STATE).write_text(json.dumps({"variant": variant, "step": 10}))
+    (where / ckpt.STATE).write_text(json.dumps({"variant": variant, "step": 10, "world_size": world_size}))
     ckpt.mark_complete(run_dir / "checkpoints", ckpt.tag_of(10))
 
 
@@ -103,6 +103,30 @@ def test_existing_checkpoints_are_refused(base, tmp_path, capsys):
     assert _submit("--variant", "sn", *base, "--resume", "--overwrite") == 2
     assert_one_line_error(capsys, "exclude each other")
     assert (run_dir / "checkpoints" / "latest").exists()  # nothing was deleted
+
+
+def test_resume_with_another_number_of_ranks_says_it_converts(base, tmp_path):
+    import argparse
+    import shutil
+
+    from hpc_gan.launch.submit import add_arguments, check_run_dirs, plan_runs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    runs = plan_runs(parser.parse_args(["--variant", "sn,dp", *base, "--resume"]), "local")
+    for run in runs:
+        _fake_checkpoint(run.cfg.run_dir, run.variant, world_size=run.cfg.cluster.nodes * run.cfg.cluster.tasks_per_node)
+    assert check_run_dirs(runs[:1], True, False) == []  # same number of ranks: nothing to say
+    for run in runs:
+        shutil.rmtree(run.cfg.run_dir / "checkpoints")
+        _fake_checkpoint(run.cfg.run_dir, run.variant, world_size=4)
+    notes = check_run_dirs(runs[:1], True, False)
+    assert len(notes) == 1 and "sn: checkpoint step-00000010 was written by 4 ranks, this job has 1" in notes[0]
+    assert "universal format" in notes[0]
+    from hpc_gan.errors import LaunchError
+
+    with pytest.raises(LaunchError, match="dp variant cannot resume on 1"):
+        check_run_dirs(runs[1:], True, False)
 
 
 def test_slurm_without_sbatch(base, capsys, monkeypatch):

@@ -155,7 +155,7 @@ def test_config_keys_default_off_range_and_explain():
 def dp_run(smoke_shards, tmp_path_factory):
     pytest.importorskip("opacus")
     from hpc_gan.dist import DistEnv
-    from hpc_gan.privacy.dp_trainer import DPTrainer
+    from hpc_gan.train.dp_trainer import DPTrainer
 
     single = DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
 

@@ -108,7 +108,7 @@ def test_evaluation_is_deterministic_and_uses_the_cache(smoke_shards, tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_short_dp_run_writes_eval_records_and_best_pointer(smoke_shards, tmp_path, capsys):
     pytest.importorskip("opacus")
-    from hpc_gan.privacy.dp_trainer import DPTrainer
+    from hpc_gan.train.dp_trainer import DPTrainer
     from hpc_gan.train.consolidate import consolidate
 
     cfg = load_config("dp", "smoke", overrides=[

@@ -133,14 +133,23 @@ class RankShare:
         self.n, self.rank, self.world_size = n, rank, world_size
         self.seed, self.shuffle, self.even = seed, shuffle, even
 
-    def indices(self, epoch: int) -> np.ndarray:
-        """This rank's indices for an epoch, in reading order."""
+    def indices(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's indices for an epoch, in reading order.
+
+        Args:
+            epoch: with the seed, picks the permutation.
+            start: deal only the permutation's entries from this global position on (a run
+                resumed mid-epoch on another number of ranks: the first ``start`` patches were
+                read before). ``start = p * world_size`` deals exactly what is left after each
+                rank has read ``p`` patches, so the same world size gives the same reading order.
+        """
         if self.shuffle:
             order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(self.n)
         else:
             order = np.arange(self.n)
-        stop = (self.n // self.world_size) * self.world_size if self.even else self.n
-        return order[self.rank:stop:self.world_size]
+        count = (self.n - start) // self.world_size if self.even else self.n
+        stop = start + count * self.world_size if self.even else self.n
+        return order[start + self.rank:stop:self.world_size]
 
 
 def _ignore_preemption_signals(_worker_id: int) -> None:
@@ -152,7 +161,12 @@ class PatchLoader:
     """A rank's batches, epoch after epoch, with a resumable cursor.
 
     The cursor advances when a batch is handed to the caller (not when a worker prefetches it),
-    so ``state_dict()`` taken between two steps names exactly the next unseen patch.
+    so ``state_dict()`` taken between two steps names exactly the next unseen patch. It is kept
+    as (epoch, start, position): the epoch's permutation was dealt to the ranks from global
+    position ``start`` and each rank has read ``position`` of its share, so ``start + position
+    * world_size`` patches of the epoch are read. A cursor restored with another world size
+    re-deals the rest of the epoch from there (no patch repeated or skipped within the epoch,
+    except the fewer than ``world_size * batch_size`` left over at its end, as always).
 
     Example:
         >>> loader = PatchLoader(ds, batch_size=4, rank=0, world_size=2, seed=0)
@@ -176,6 +190,7 @@ class PatchLoader:
             raise DataError(f"each of {world_size} rank(s) gets {len(self.share.indices(0))} patches per epoch, "
                             f"fewer than batch size {batch_size}; lower train.batch_size or pack more patches")
         self.epoch = 0
+        self.start = 0  # global position from which the current epoch was dealt
         self.position = 0
 
     def batches_per_epoch(self) -> int:
@@ -184,7 +199,7 @@ class PatchLoader:
 
     def epoch_batches(self) -> Iterator[torch.Tensor]:
         """The remaining batches of the current epoch; then the cursor moves to the next epoch."""
-        remaining = self.share.indices(self.epoch)[self.position:]
+        remaining = self.share.indices(self.epoch, self.start)[self.position:]
         if self.drop_last:
             remaining = remaining[: len(remaining) - len(remaining) % self.batch_size]
         if self.compact:  # the same batches, each one gather from the page cache, read ahead by a thread
@@ -199,7 +214,7 @@ class PatchLoader:
             self.position += len(batch.image) if self.compact else len(batch)
             yield batch
         self.epoch += 1
-        self.position = 0
+        self.start = self.position = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Batches forever, epoch after epoch."""
@@ -207,13 +222,20 @@ class PatchLoader:
             yield from self.epoch_batches()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.share.seed,
-                "world_size": self.share.world_size, "n": self.share.n, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "start": self.start, "position": self.position, "seed": self.share.seed,
+                "world_size": self.share.world_size, "n": self.share.n, "batch_size": self.batch_size,
+                "read": self.start + self.position * self.share.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a cursor; the data, seed and world size must be those it was saved with."""
-        for key in ("n", "world_size", "seed"):
+        """Restore a cursor; the data and seed must be those it was saved with. Saved with another
+        world size, the rest of the epoch is re-dealt from the first unread patch (``read``)."""
+        for key in ("n", "seed"):
             if state[key] != self.state_dict()[key]:
                 raise DataError(f"cannot resume the data cursor: {key} was {state[key]} when saved and is "
-                                f"{self.state_dict()[key]} now; resume with the same data and number of ranks")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+                                f"{self.state_dict()[key]} now; resume with the same data and train.seed")
+        self.epoch = int(state["epoch"])
+        start, position = int(state.get("start", 0)), int(state["position"])
+        if state["world_size"] == self.share.world_size:
+            self.start, self.position = start, position
+        else:
+            self.start, self.position = start + position * int(state["world_size"]), 0

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         return submit_evaluation(runs, cluster, args.wait, args.n_samples)
     if args.job == "tstr":
         return submit_tstr(runs, cluster, args)
-    check_run_dirs(runs, args.resume, args.overwrite)
+    for note in check_run_dirs(runs, args.resume, args.overwrite):
+        print(note)
     for line in fit_warnings(runs, args.gpu_memory_gb):  # warn only: the estimate is an estimate
         print(line, file=sys.stderr)
     return submit(runs, cluster, args.wait, args.overwrite)
@@ -142,23 +143,34 @@ def check_precision(cfg: config_mod.RunConfig, cluster: str) -> None:
                           "add --gpus-per-node N or use --set train.precision=bf16")
 
 
-def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into a directory that already holds checkpoints."""
+def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> list[str]:
+    """Refuse to mix a new run into a directory that already holds checkpoints; returns one note
+    per resumed run whose checkpoint another number of ranks wrote (the job converts it)."""
     if resume and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
+    notes = []
     for run in runs:
         tag = ckpt.newest_complete(run.cfg.run_dir / "checkpoints")
-        if tag is None:
+        if tag is None or overwrite:
             continue
-        saved = ckpt.read_state(run.cfg.run_dir / "checkpoints" / tag).get("variant")
-        if overwrite:
-            continue
+        state = ckpt.read_state(run.cfg.run_dir / "checkpoints" / tag)
+        saved = state.get("variant")
         if saved != run.variant:
             raise LaunchError(f"'{run.cfg.run_dir}' holds checkpoints of variant '{saved}'; use another --name "
                               "or --overwrite")
         if not resume:
             raise LaunchError(f"'{run.cfg.run_dir}' already holds checkpoints ({tag}); pass --resume to continue "
                               "or --overwrite to start over")
+        written, world = state.get("world_size"), run.cfg.cluster.nodes * run.cfg.cluster.tasks_per_node
+        if written and written != world:
+            if run.cfg.privacy.enabled:
+                raise LaunchError(f"variant {run.variant}: checkpoint {tag} was written by {written} ranks and the "
+                                  f"dp variant cannot resume on {world} (its Poisson rate q is part of the privacy "
+                                  f"accounting); resume with --nodes/--tasks-per-node giving {written} ranks")
+            notes.append(f"{run.variant}: checkpoint {tag} was written by {written} ranks, this job has {world}: it "
+                         "converts the ZeRO shards to DeepSpeed's universal format when it starts (Adam moments "
+                         "kept, data position continued; docs/CHECKPOINTS.md)")
+    return notes
 
 
 def write_configs(runs: list[PlannedRun], overwrite: bool) -> None:
@@ -325,7 +337,7 @@ def print_dry_run(runs: list[PlannedRun], cluster: str) -> None:
         print(yaml.safe_dump(config_mod.to_dict(run.cfg), sort_keys=False), end="")
         if run.cfg.privacy.enabled:
             print(f"# ---- {run.variant}: no DeepSpeed: DP-SGD critic with Opacus across {world} rank(s), fp32 "
-                  "(hpc_gan/privacy/dp_trainer.py, docs/PRIVACY.md)")
+                  "(hpc_gan.train.dp_trainer.py, docs/PRIVACY.md)")
             continue
         print(f"# ---- {run.variant}: DeepSpeed generator config (world size {world})")
         print(json.dumps(generator_config(run.cfg, world, cuda), indent=1))

@@ -7,6 +7,7 @@ from hpc_gan.models.gan import (
     Generator,
     count_parameters,
     init_weights,
+    set_trainable,
     spectral_norm_buffers,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "Generator",
     "count_parameters",
     "init_weights",
+    "set_trainable",
     "spectral_norm_buffers",
 ]
 

@@ -134,6 +134,13 @@ def _init_tensor(
 # --------------------------------------------------------------------------- utilities
 
 
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    """Turn ``requires_grad`` of all of ``module``'s parameters on or off (e.g. freeze the critic
+    during the generator step)."""
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of scalar parameters in ``module`` (works on the meta device).
 

@@ -20,7 +20,7 @@ Several processes (Opacus' DPDDP route): every rank holds the whole critic (broa
 0 at the start), clips its own samples' gradients, the clipped sums are all-reduced and rank 0
 alone adds the noise (``DistributedDPOptimizer``) — one noisy step on the union of the ranks'
 Poisson samples, the same privacy as one process at the same global sampling rate.
-:class:`~hpc_gan.privacy.dp_trainer.DPTrainer` runs the whole recipe; this module holds its steps.
+:class:`~hpc_gan.train.dp_trainer.DPTrainer` runs the whole recipe; this module holds its steps.
 
 Example:
     >>> critic = Critic(ndf=32, patch_shape=(32, 32, 16), norm="group")
@@ -41,7 +41,7 @@ import torch.distributed as dist
 from hpc_gan.errors import ConfigError
 from hpc_gan.models.gan import Critic  # noqa: F401  (doctest)
 from hpc_gan.privacy.accounting import epsilon
-from hpc_gan.train.steps import set_trainable
+from hpc_gan.models import set_trainable
 
 __all__ = ["PrivateCritic", "make_private_critic", "dp_critic_step", "generator_step", "clip_weights"]
 

@@ -10,7 +10,7 @@
 with its ChildFailedError traceback after it (its failure table quotes the rank's line).
 
 Runs with ``privacy.enabled`` (variant dp) are trained by the DP-SGD trainer
-(:mod:`hpc_gan.privacy.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
+(:mod:`hpc_gan.train.dp_trainer`, Opacus, no DeepSpeed), all others by the DeepSpeed one.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def trainer_class(cfg):
     """The DP-SGD trainer (Opacus) for privacy.enabled runs, the DeepSpeed trainer otherwise."""
     if cfg.privacy.enabled:
-        from hpc_gan.privacy.dp_trainer import DPTrainer
+        from hpc_gan.train.dp_trainer import DPTrainer
 
         return DPTrainer
     from hpc_gan.train.trainer import Trainer

@@ -9,15 +9,23 @@ The file ``<run_dir>/consolidated/generator-<tag>.pt`` is a plain dict (loads wi
      "privacy": None or {"epsilon": ..., "delta": ..., "noise_multiplier": ..., ...},  # dp variant
      "state_dict": {name: fp32 tensor, ...},
      "ema": None or {"decay": 0.999, "warmup": False, "step": 19999,     # train.ema_decay > 0
-                     "state_dict": {name: fp32 tensor, ...}}}
+                     "state_dict": {name: fp32 tensor, ...}, "state_dict_sha256": "..."},
+     "state_dict_sha256": "..."}
 
 ``state_dict`` holds the trainable weights gathered from every rank's ZeRO partition (the dp
 variant's trainer writes them whole, no shards) plus the BatchNorm running statistics (averaged
 over ranks when the checkpoint was written). ``ema.state_dict`` has the same keys: the moving
 average of the weights (:mod:`hpc_gan.train.ema`, from the checkpoint's ``generator_ema.pt``)
-with a copy of those same BatchNorm statistics. :func:`load_generator` (and so ``hpc_gan
-sample``) uses the average when the file has one, the raw weights when asked. A ``.sha256``
-file beside it holds its SHA-256, checked on load.
+with a copy of those same BatchNorm statistics. The reader,
+:func:`hpc_gan.models.generator_file.load_generator` (re-exported here; and so ``hpc_gan
+sample``), uses the average when the file has one, the raw weights when asked.
+
+Integrity: before anything of a checkpoint is loaded (DeepSpeed's ``zero_to_fp32`` unpickles),
+every file is compared with the size and SHA-256 that ``state.json`` records, so a damaged
+shard is named and never consolidated. The written file carries the digest of its weights
+inside (``state_dict_sha256``, :func:`hpc_gan.models.resnet3d.state_dict_sha256`: contents, not
+pickling), checked on every load, so damage is found even without the ``.sha256`` file that is
+also written beside it (a whole-file digest, for copies).
 """
 
 from __future__ import annotations
@@ -26,17 +34,14 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from hpc_gan.config import from_dict
 from hpc_gan.io import file_sha256, torch_save_atomic, write_text_atomic
 from hpc_gan.errors import CheckpointError
-from hpc_gan.models import Generator
+from hpc_gan.models.generator_file import FORMAT, FORMAT_VERSION, load_generator  # noqa: F401 (re-exported)
+from hpc_gan.models.finite import check_payload_finite
+from hpc_gan.models.resnet3d import state_dict_sha256
 from hpc_gan.train import checkpoint as ckpt
-from hpc_gan.train import guards
 
-FORMAT = "hpc_gan.generator"
-FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +59,8 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
         The path of the written file (its SHA-256 is in ``<file>.sha256``).
 
     Raises:
-        CheckpointError: no complete checkpoint (no best one with ``best``), or the shards cannot be read.
+        CheckpointError: no complete checkpoint (no best one with ``best``), or a file of it
+            differs from its record or cannot be read (the message names the file).
         NonFiniteStateError: a weight or buffer (or the EMA's) holds NaN or inf; names the tensor.
     """
     root = Path(run_dir) / "checkpoints"
@@ -70,16 +76,19 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
     if not (where / ckpt.COMPLETE).is_file():
         raise CheckpointError(f"checkpoint '{where}' is not COMPLETE (its job stopped while saving); pick another --tag")
     state = ckpt.read_state(where)
+    ckpt.verify(where, state)  # before any file reaches a loader
     cfg = from_dict(state["config"])
     weights = _generator_weights(where, state)
-    weights.update(torch.load(where / ckpt.BUFFERS, weights_only=True))
+    weights.update(ckpt.load_torch(where / ckpt.BUFFERS))
+    weights = _fp32(weights)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": state["variant"], "step": state["step"],
                "model": {"latent_dim": cfg.model.latent_dim, "ngf": cfg.model.ngf,
                          "patch_shape": list(cfg.model.patch_shape), "out_channels": 2},
                "config": state["config"], "manifest_sha256": state.get("manifest_sha256", ""),
-               "privacy": state.get("privacy"), "state_dict": _fp32(weights), "ema": _ema(where)}
-    _check_finite(payload, f"checkpoint '{where}'", "it cannot be consolidated; pick an earlier --tag "
-                  f"(complete ones: {', '.join(ckpt.complete_tags(root))})")
+               "privacy": state.get("privacy"), "state_dict": weights, "ema": _ema(where),
+               "state_dict_sha256": state_dict_sha256(weights)}
+    check_payload_finite(payload, f"checkpoint '{where}'", "it cannot be consolidated; pick an earlier --tag "
+                         f"(complete ones: {', '.join(ckpt.complete_tags(root))})")
     out = Path(out) if out else Path(run_dir) / "consolidated" / f"generator-{tag}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch_save_atomic(payload, out)
@@ -87,15 +96,8 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None, out: str | o
     return out
 
 
-def _check_finite(payload: dict, what: str, fix: str) -> None:
-    """Weights, buffers and the EMA's of a consolidated payload are all finite (else one line)."""
-    ema = payload.get("ema") or {}
-    guards.check_finite([*payload["state_dict"].items(),
-                         *((f"ema.{n}", t) for n, t in ema.get("state_dict", {}).items())], what, fix)
-
-
 def _fp32(weights: dict) -> dict:
-    return {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
+    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach() for k, v in weights.items()}
 
 
 def _ema(where: Path) -> dict | None:
@@ -103,76 +105,20 @@ def _ema(where: Path) -> dict | None:
     path = where / ckpt.EMA
     if not path.is_file():
         return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or damaged
-        raise CheckpointError(f"cannot read '{path}' ({exc.__class__.__name__}); pick another --tag") from None
-    return {"decay": saved["decay"], "warmup": saved["warmup"], "step": saved["step"],
-            "state_dict": _fp32(saved["params"] | saved["buffers"])}
+    saved = ckpt.load_torch(path, "; pick another --tag")
+    weights = _fp32(saved["params"] | saved["buffers"])
+    return {"decay": saved["decay"], "warmup": saved["warmup"], "step": saved["step"], "state_dict": weights,
+            "state_dict_sha256": state_dict_sha256(weights)}
 
 
 def _generator_weights(where: Path, state: dict) -> dict:
     """The generator's weights of one checkpoint: gathered from ZeRO shards, or the DP trainer's
     whole state (it writes no shards)."""
     if state.get("trainer") == "dp":
-        try:
-            return torch.load(where / ckpt.DP_STATE, map_location="cpu", weights_only=True)["generator"]
-        except Exception as exc:  # missing, truncated or damaged
-            raise CheckpointError(f"cannot read '{where / ckpt.DP_STATE}' ({exc.__class__.__name__}); pick another "
-                                  "--tag") from None
+        return ckpt.load_torch(where / "dp_generator.pt", "; pick another --tag")["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
         return get_fp32_state_dict_from_zero_checkpoint(str(where), tag="generator")
     except Exception as exc:  # deepspeed raises several types for missing or damaged shards
         raise CheckpointError(f"cannot gather the ZeRO shards of '{where}' ({exc.__class__.__name__}: {exc})") from None
-
-
-def load_generator(path: str | os.PathLike, variant: str | None = None, verify: bool = True,
-                   raw: bool = False) -> tuple[Generator, dict]:
-    """Rebuild the generator of a consolidated file (eval mode, fp32, CPU).
-
-    Args:
-        path: a file written by :func:`consolidate`.
-        variant: if given, the file must be of this variant.
-        verify: compare the file's SHA-256 with its ``.sha256`` sidecar when one exists.
-        raw: load the trained weights even when the file holds their moving average (EMA).
-
-    Returns:
-        (generator, metadata without the weights); ``metadata["weights"]`` is ``"ema"`` or
-        ``"raw"``, ``metadata["ema"]`` the EMA's decay, warm-up and step (None without EMA).
-
-    Raises:
-        CheckpointError: missing, truncated or foreign file, checksum mismatch, other variant, or
-            (NonFiniteStateError) weights or buffers holding NaN or inf, named.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"consolidated generator '{path}' does not exist; run `hpc_gan consolidate RUN_DIR`")
-    sidecar = path.with_name(path.name + ".sha256")
-    if verify and sidecar.is_file() and sidecar.read_text().split()[0] != file_sha256(path):
-        raise CheckpointError(f"'{path}' does not match its checksum in {sidecar.name}: the copy is damaged; copy it again")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, pickle errors... for damaged files
-        raise CheckpointError(f"'{path}' cannot be read as a consolidated generator (truncated or damaged: "
-                              f"{exc.__class__.__name__}); consolidate again") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not an hpc_gan consolidated generator; run `hpc_gan consolidate RUN_DIR`")
-    if variant and payload["variant"] != variant:
-        raise CheckpointError(f"'{path}' holds variant '{payload['variant']}', not '{variant}'")
-    _check_finite(payload, f"consolidated generator '{path}'", "its samples would be meaningless; consolidate an "
-                  "earlier checkpoint (hpc_gan consolidate RUN_DIR --tag step-...)")
-    model = payload["model"]
-    generator = Generator(model["latent_dim"], model["ngf"], tuple(model["patch_shape"]), model["out_channels"])
-    ema = payload.get("ema")
-    weights = "raw" if raw or not ema else "ema"
-    try:
-        generator.load_state_dict(ema["state_dict"] if weights == "ema" else payload["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"'{path}' does not fit the generator it describes ({first})") from None
-    generator.eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "ema")}
-    meta["ema"] = {k: v for k, v in ema.items() if k != "state_dict"} if ema else None
-    return generator, meta | {"weights": weights}

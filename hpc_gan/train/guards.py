@@ -9,7 +9,7 @@ Two kinds of check:
   overflowed to ``inf`` (seen at learning rate 1e12): checking losses alone lets such a state
   reach a checkpoint, the consolidated file and every sample. The trainer refuses to save a
   non-finite state (the last good checkpoint stays ``latest``), :func:`hpc_gan.train.consolidate.
-  consolidate` refuses to write one and :func:`~hpc_gan.train.consolidate.load_generator` (so
+  consolidate` refuses to write one and :func:`~hpc_gan.models.generator_file.load_generator` (so
   ``hpc_gan sample`` and the evaluator) refuses to use one; each names the first bad tensor.
 
 * **Divergence** (:class:`DivergenceGuard`): finite but meaningless training (learning rate 1e6:
@@ -44,14 +44,11 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from hpc_gan.errors import CheckpointError, HpcGanError
+from hpc_gan.errors import HpcGanError
+from hpc_gan.models.finite import NonFiniteStateError, check_finite, first_nonfinite  # noqa: F401 (re-exported)
 from hpc_gan.train import checkpoint as ckpt
 
 FP16_MAX = 65504.0  # the largest finite float16
-
-
-class NonFiniteStateError(CheckpointError):
-    """Weights or buffers hold NaN or infinite values (refused to save, consolidate or sample)."""
 
 
 class TrainingDiverged(HpcGanError):
@@ -68,49 +65,6 @@ def module_tensors(prefix: str, module: torch.nn.Module) -> Iterator[tuple[str, 
         yield f"{prefix}.{name}", getattr(param, "ds_tensor", param)
     for name, buffer in module.named_buffers():
         yield f"{prefix}.{name}", buffer
-
-
-def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
-    """The first floating-point tensor holding NaN or ±inf.
-
-    Args:
-        named: (name, tensor) pairs, e.g. a ``state_dict().items()``; integer tensors are skipped.
-
-    Returns:
-        None when all are finite, else (name, what), ``what`` e.g. ``"inf in 3 of 64 values"``.
-
-    Example:
-        >>> first_nonfinite([("a", torch.ones(2)), ("b", torch.tensor([1.0, float("inf")]))])
-        ('b', 'inf in 1 of 2 values')
-    """
-    for name, tensor in named:
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        finite = torch.isfinite(tensor)
-        if bool(finite.all()):
-            continue
-        bad = tensor.detach()[~finite]
-        kinds = "/".join(k for k, present in (("nan", bool(bad.isnan().any())),
-                                              ("inf", bool(bad.isinf().any()))) if present)
-        return name, f"{kinds} in {bad.numel()} of {tensor.numel()} values"
-    return None
-
-
-def check_finite(named: Iterable[tuple[str, torch.Tensor]], what: str, fix: str) -> None:
-    """Raise one line naming the first non-finite tensor of ``named``.
-
-    Args:
-        named: (name, tensor) pairs.
-        what: the thing checked, e.g. ``"consolidated generator 'g.pt'"``.
-        fix: what the user should do.
-
-    Raises:
-        NonFiniteStateError: e.g. ``consolidated generator 'g.pt' holds non-finite values:
-            'blocks.0.1.running_var' has inf in 3 of 64 values; pick an earlier checkpoint``.
-    """
-    found = first_nonfinite(named)
-    if found:
-        raise NonFiniteStateError(f"{what} holds non-finite values: '{found[0]}' has {found[1]}; {fix}")
 
 
 def agree_nonfinite(named: Iterable[tuple[str, torch.Tensor]], rank: int) -> str | None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hpc_gan.io import read_jsonl, write_text_atomic
+
 log = logging.getLogger(__name__)
 AVERAGED = ("loss_critic", "loss_generator", "wasserstein", "penalty")
 
@@ -154,3 +156,36 @@ def eval_line(record: dict, total_steps: int) -> str:
     return (f"step {record['step']}/{total_steps} eval | FID {f('fid', '.4g')} (best {best}) | P {f('precision')} "
             f"R {f('recall')} cov {f('coverage')} | vessel-fraction KS {f('vessel_fraction_ks')} | contrast "
             f"{f('contrast')} (real {f('contrast_real')}) | {f('seconds', '.1f')} s")
+
+
+class MetricsPosition:
+    """Where metrics.jsonl stands, as a checkpoint part: the step of the checkpoint.
+
+    On resume (rank 0) the records written after that step are dropped, and so is a torn last
+    line a killed job left, so that the resumed run continues one continuous log.
+
+    Args:
+        path: the run's metrics.jsonl.
+        rank: this process's rank (only rank 0 rewrites the file).
+        step: returns the loop's current step (what ``state_dict`` records).
+    """
+
+    def __init__(self, path: Path, rank: int, step) -> None:
+        self.path, self.rank, self.step = Path(path), rank, step
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.step())}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Cut the log back to the saved step (None, from a checkpoint without this part: the
+        loop's current step, i.e. the checkpoint's)."""
+        if self.rank == 0:
+            truncate_after(self.path, int(state["step"]) if state else int(self.step()))
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (torn or unreadable lines dropped), atomically."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hpc_gan.models import set_trainable
 from hpc_gan.train.penalty import gradient_penalty
 
 
@@ -65,11 +66,6 @@ def all_finite(*values: torch.Tensor) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
-
-
-def set_trainable(module: torch.nn.Module, trainable: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(trainable)
 
 
 def critic_step(generator, critic, real: torch.Tensor, rng: torch.Generator, gp_weight: float,

@@ -2,17 +2,22 @@
 
 Every rank runs the same code; rank 0 alone writes metrics, the resolved config and the
 COMPLETE markers. Everything that must survive a restart (both engines, the data cursor, each
-rank's RNG states, the step, the generator EMA when ``train.ema_decay`` > 0) is saved together
-under one tag by :meth:`TrainingLoop.save`.
+rank's RNG states, the step, the metrics position, the BatchNorm statistics, the generator EMA
+when ``train.ema_decay`` > 0) is a part registered with one
+:class:`~hpc_gan.train.checkpointer.Checkpointer`, which saves and restores them together.
 :class:`TrainingLoop` is what the DeepSpeed :class:`Trainer` shares with the DP-SGD trainer
-(:class:`hpc_gan.privacy.dp_trainer.DPTrainer`): the loop, metrics, stop requests, checkpoints.
+(:class:`hpc_gan.train.dp_trainer.DPTrainer`): the loop, metrics, stop requests, checkpoints.
+
+Resume on another number of ranks: the checkpoint is chosen (and its files verified) before
+the engines are built, so that they load DeepSpeed's universal format, into which the
+checkpointer converts the ZeRO shards (fp32 weights and Adam moments are kept exactly); the
+data cursor re-deals the rest of the epoch, and each rank's RNG streams are seeded from
+(train.seed, step, rank, world size) (:func:`hpc_gan.train.checkpoint.derived_rng_state`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -23,15 +28,15 @@ from hpc_gan.config import RunConfig, save_config, to_dict
 from hpc_gan.data.cache import CacheSettings, batch_to_device, open_cached_split
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
-from hpc_gan.io import torch_save_atomic, write_text_atomic
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.train import checkpoint as ckpt
 from hpc_gan.train import ema as gen_ema
 from hpc_gan.train import guards
 from hpc_gan.train import stop as stop_request
+from hpc_gan.train.checkpointer import JSON, PER_RANK, SHARDED, SHARED, Checkpointer, EnginePart, ResumePoint, RNGPart
 from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
 from hpc_gan.train.evaluation import TrainingEvaluation
-from hpc_gan.train.metrics import MetricsLogger
+from hpc_gan.train.metrics import MetricsLogger, MetricsPosition
 from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_iteration
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,7 @@ class TrainingLoop:
 
     Subclasses build the networks, set ``total_steps``, ``precision`` and ``parameters`` and
     supply :meth:`iteration`, :attr:`epoch`, :meth:`_real_batches`, :meth:`_setup_summary`,
-    :meth:`_save_networks`, :meth:`_load_networks`, :meth:`_extra` and :meth:`_state_extra`.
+    :meth:`_register_networks`, :meth:`_check_resume`, :meth:`_extra` and :meth:`_state_extra`.
     """
 
     total_steps: int
@@ -67,7 +72,16 @@ class TrainingLoop:
         # Latents and penalty weights differ per rank (different samples) but are reproducible.
         self.rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + env.rank)
         self._batches = None
-        self.ema: gen_ema.GeneratorEMA | None = None  # set by resume() when train.ema_decay > 0
+        self.ema: gen_ema.GeneratorEMA | None = None  # set by fit() when train.ema_decay > 0
+        self.checkpointer = Checkpointer(self.ckpt_root, env.rank, env.world_size, cfg.train.keep_checkpoints)
+        # Chosen and verified now, before subclasses build their networks (another world size
+        # makes the engines load DeepSpeed's universal format); nothing is written yet.
+        self.resume_point: ResumePoint | None = self.checkpointer.select()
+
+    @property
+    def resharding(self) -> bool:
+        """The checkpoint to resume was written by another number of ranks."""
+        return self.resume_point is not None and self.resume_point.world_size != self.env.world_size
 
     # ------------------------------------------------------------------ what subclasses supply
 
@@ -92,11 +106,12 @@ class TrainingLoop:
         """What the start line says about how this trainer trains (ZeRO stages, DP parameters)."""
         raise NotImplementedError
 
-    def _save_networks(self, where: Path) -> None:
+    def _register_networks(self, checkpointer: Checkpointer) -> None:
+        """Register the networks, their optimizers and the data cursor (key "data")."""
         raise NotImplementedError
 
-    def _load_networks(self, where: Path, state: dict) -> None:
-        raise NotImplementedError
+    def _check_resume(self, state: dict, where: Path) -> None:
+        """Refuse a checkpoint this trainer cannot continue (CheckpointError), before anything is written."""
 
     def _state_extra(self) -> dict:
         """Entries of state.json beyond the common ones (rank 0)."""
@@ -116,8 +131,9 @@ class TrainingLoop:
         return self._batches
 
     def fit(self) -> dict | None:
-        self._prepare_run_dir()
+        self._check_resume_point()  # every refusal comes before the run directory is touched
         resumed = self.resume()
+        self._prepare_run_dir()
         metrics = MetricsLogger(self.run_dir, self.env.rank, self.env.world_size, self.total_steps,
                                 self.cfg.train.log_every)
         self._announce(resumed)
@@ -202,6 +218,17 @@ class TrainingLoop:
               f"G {self.parameters['generator']:,} D {self.parameters['critic']:,} | {len(self.dataset)} patches "
               f"{'x'.join(map(str, self.dataset.patch_shape))} | {self.total_steps} steps | "
               + (f"resumed from {resumed}" if resumed else "fresh start") + f" | {self.run_dir}", flush=True)
+        if resumed and self.resharding:
+            point = self.resume_point
+            print(f"hpc_gan train: checkpoint {point.tag} was written by {point.world_size} ranks, this job has "
+                  f"{self.env.world_size}: converted {', '.join(self.checkpointer.converted) or 'nothing'} to "
+                  f"DeepSpeed's universal format in {point.where / ckpt.UNIVERSAL} (fp32 weights and Adam moments "
+                  f"kept); data continues at patch {self._data_read()} of epoch {self.epoch}; RNG streams seeded "
+                  f"from (train.seed, step {point.step}, rank, world size {self.env.world_size})", flush=True)
+
+    def _data_read(self) -> int | str:
+        """Patches of the current epoch read so far (for the resharding line); "-" if unknown."""
+        return "-"
 
     def evaluation_module(self) -> torch.nn.Module:
         """The generator that previews and evaluation during training use: the EMA average (with
@@ -243,71 +270,72 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _check_resume_point(self) -> None:
+        point = self.resume_point
+        if point is None:
+            return
+        saved = point.state.get("variant")
+        if saved != self.cfg.variant:
+            raise CheckpointError(f"'{self.run_dir}' holds checkpoints of variant '{saved}', not "
+                                  f"'{self.cfg.variant}'; use another run name or remove the directory")
+        self._check_resume(point.state, point.where)
+
     def _prepare_run_dir(self) -> None:
-        tag = ckpt.newest_complete(self.ckpt_root)
-        if tag:
-            saved = ckpt.read_state(self.ckpt_root / tag).get("variant")
-            if saved != self.cfg.variant:
-                raise CheckpointError(f"'{self.run_dir}' holds checkpoints of variant '{saved}', not "
-                                      f"'{self.cfg.variant}'; use another run name or remove the directory")
         if self.env.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         hdist.barrier()
+
+    def _register_parts(self) -> None:
+        """Everything that must survive a restart, under fixed keys (see hpc_gan.train.checkpoint)."""
+        cp, t = self.checkpointer, self.cfg.train
+        self._register_networks(cp)
+        cp.register("generator_buffers", _BatchNormStatistics(self), SHARED)
+        if t.ema_decay:
+            self.ema = gen_ema.for_run(t.ema_decay, t.ema_warmup, self.generator_module)
+            cp.register("generator_ema", _EMAPart(self), SHARED, optional=True)
+        cp.register("rng", RNGPart(self.rng, t.seed), PER_RANK)
+        # optional: checkpoints written before these parts existed hold only the top-level step
+        cp.register("loop", self, JSON, optional=True)
+        cp.register("metrics", MetricsPosition(self.run_dir / "metrics.jsonl", self.env.rank, lambda: self.step),
+                    JSON, optional=True)
+
+    def state_dict(self) -> dict:
+        """The loop's own position (the "loop" part)."""
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {"step": self.step}
+        self.step, self.nonfinite_steps = int(state["step"]), int(state.get("nonfinite_steps", 0))
 
     def save(self, evaluated: dict | None = None, best: bool = False) -> Path:
         """Write one checkpoint with every rank; rank 0 marks it COMPLETE after a barrier.
 
         ``evaluated``: this step's in-training evaluation, kept in state.json; ``best``: it has
         the lowest FID so far, so ``checkpoints/best`` will name this checkpoint."""
-        tag = ckpt.tag_of(self.step)
-        where = self.ckpt_root / tag
         self._average_batchnorm_buffers()
         bad = guards.agree_nonfinite(self._checked_tensors(), self.env.rank)  # collective: all ranks refuse
         if bad:
-            self._stop_diverged(f"the state holds non-finite values ({bad}), so {tag} was not written")
-        self._save_networks(where)
-        where.mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt.rng_state(self.rng), where / ckpt.rank_file(self.env.rank))
+            self._stop_diverged(f"the state holds non-finite values ({bad}), so {ckpt.tag_of(self.step)} was not written")
         if self.ema is not None:
-            self.ema.copy_buffers_from(self.generator_module)  # the rank average, as in BUFFERS
-        if self.env.rank == 0:
-            torch.save(self._buffers(), where / ckpt.BUFFERS)
-            if self.ema is not None:
-                torch_save_atomic(self.ema.state_dict(), where / ckpt.EMA)
-            state = {"step": self.step, "epoch": self.epoch, "variant": self.cfg.variant,
-                     "world_size": self.env.world_size, "precision": self.precision,
-                     "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
-                     **self._state_extra(), **({"eval": evaluated} if evaluated else {}), "saved": time.time()}
-            write_text_atomic(where / ckpt.STATE, json.dumps(state, indent=1))
-        hdist.barrier()
-        if self.env.rank == 0:
-            ckpt.mark_complete(self.ckpt_root, tag)
-            if best:
-                ckpt.mark_best(self.ckpt_root, tag)
-            ckpt.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
-        hdist.barrier()
-        return where
+            self.ema.copy_buffers_from(self.generator_module)  # the rank average, as in generator_buffers
+        meta = {"epoch": self.epoch, "variant": self.cfg.variant, "precision": self.precision,
+                "manifest_sha256": self.dataset.manifest.digest, "config": to_dict(self.cfg),
+                **self._state_extra(), **({"eval": evaluated} if evaluated else {})}
+        return self.checkpointer.save(self.step, meta, best)
 
     def resume(self) -> str | None:
-        """Load the newest COMPLETE checkpoint, if any; returns its tag."""
-        tag = ckpt.newest_complete(self.ckpt_root)
-        if tag is None:
-            self.ema = gen_ema.for_run(self.cfg.train.ema_decay, self.cfg.train.ema_warmup, self.generator_module)
+        """Restore every part from the checkpoint chosen at construction, if any; returns its tag."""
+        if not self.checkpointer.parts:
+            self._register_parts()
+        point = self.resume_point
+        if point is None:
+            if self.env.rank == 0:  # records of a job killed before its first checkpoint
+                MetricsPosition(self.run_dir / "metrics.jsonl", 0, lambda: 0).load_state_dict({"step": 0})
             return None
-        where = self.ckpt_root / tag
-        state = ckpt.read_state(where)
-        if state["world_size"] != self.env.world_size:
-            raise CheckpointError(f"checkpoint {where} was written by {state['world_size']} ranks, this job has "
-                                  f"{self.env.world_size}; resume with the same number of ranks")
-        self._load_networks(where, state)
-        self.ema = gen_ema.for_run(self.cfg.train.ema_decay, self.cfg.train.ema_warmup, self.generator_module,
-                                   where / ckpt.EMA)
-        ckpt.set_rng_state(torch.load(where / ckpt.rank_file(self.env.rank), weights_only=False), self.rng)
-        self.step = int(state["step"])
-        if self.env.rank == 0:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        return tag
+        self.step = point.step
+        self.checkpointer.load(point)
+        return point.tag
 
     def _batchnorm_layers(self):
         return [m for m in self.generator_module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -337,7 +365,7 @@ class Trainer(TrainingLoop):
 
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
         if cfg.privacy.enabled:
-            raise ConfigError("privacy.enabled (variant dp) is trained by hpc_gan.privacy.dp_trainer.DPTrainer, not by "
+            raise ConfigError("privacy.enabled (variant dp) is trained by hpc_gan.train.dp_trainer.DPTrainer, not by "
                               "the DeepSpeed trainer (DeepSpeed computes no per-sample gradients); "
                               "python -m hpc_gan.train picks it by itself")
         super().__init__(cfg, env, run_dir)
@@ -364,8 +392,10 @@ class Trainer(TrainingLoop):
         for model, lr, config in ((generator, self.cfg.train.lr_generator, generator_config),
                                   (critic, self.cfg.train.lr_critic, critic_config)):
             optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                              config=config(self.cfg, self.env.world_size, cuda))
+            ds_config = config(self.cfg, self.env.world_size, cuda)
+            if self.resharding:  # load the universal checkpoint the checkpointer will convert to
+                ds_config["checkpoint"] = {"load_universal": True}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
             engines.append(engine)
         for engine in engines:
             _match_buffer_dtype(engine.module)
@@ -400,19 +430,56 @@ class Trainer(TrainingLoop):
     def _setup_summary(self) -> str:
         return f"ZeRO G{self.cfg.train.zero_stage_generator}/D{self.cfg.train.zero_stage_critic}"
 
-    def _save_networks(self, where: Path) -> None:
-        self.generator.save_checkpoint(str(where), tag="generator", save_latest=False)
-        self.critic.save_checkpoint(str(where), tag="critic", save_latest=False)
+    def _register_networks(self, checkpointer: Checkpointer) -> None:
+        checkpointer.register("generator", EnginePart(self.generator, "generator"), SHARDED)
+        checkpointer.register("critic", EnginePart(self.critic, "critic"), SHARDED)
+        checkpointer.register("data", self.loader, JSON)
+
+    def _check_resume(self, state: dict, where: Path) -> None:
+        if state.get("trainer", "deepspeed") != "deepspeed":
+            raise CheckpointError(f"checkpoint {where} was written by the {state.get('trainer')} trainer, not the "
+                                  "DeepSpeed one; use another run name or remove the directory")
+
+    def _data_read(self) -> int:
+        return self.loader.state_dict()["read"]
 
     def _state_extra(self) -> dict:
-        return {"trainer": "deepspeed", "data": self.loader.state_dict()}
+        return {"trainer": "deepspeed"}
 
-    def _load_networks(self, where: Path, state: dict) -> None:
-        for engine, name in ((self.generator, "generator"), (self.critic, "critic")):
-            loaded, _ = engine.load_checkpoint(str(where), tag=name, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise CheckpointError(f"{where / name} could not be loaded; resume from an older checkpoint")
-        self.loader.load_state_dict(state["data"])
+
+class _BatchNormStatistics:
+    """The generator's BatchNorm running statistics (averaged over ranks before saving) as a
+    SHARED part: what sampling uses, and what a resharded ZeRO-3 resume restores."""
+
+    def __init__(self, loop: TrainingLoop) -> None:
+        self.loop = loop
+
+    def state_dict(self) -> dict:
+        return self.loop._buffers()
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        buffers = dict(self.loop.generator_module.named_buffers())
+        for name, saved in state.items():
+            buffers[name].copy_(saved)
+
+
+class _EMAPart:
+    """The generator EMA as a SHARED part; absent from a checkpoint (EMA turned on since), it
+    starts from the resumed weights."""
+
+    def __init__(self, loop: TrainingLoop) -> None:
+        self.loop = loop
+
+    def state_dict(self) -> dict:
+        return self.loop.ema.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        t = self.loop.cfg.train
+        if state is None:
+            self.loop.ema = gen_ema.for_run(t.ema_decay, t.ema_warmup, self.loop.generator_module)
+        else:
+            self.loop.ema.load_state_dict(state)
 
 
 def _verified_dataset(cfg: RunConfig, rank: int):
@@ -443,11 +510,3 @@ def _match_buffer_dtype(module: torch.nn.Module) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from, so the loss log stays one curve."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -18,7 +18,7 @@ from hpc_gan import dist as hdist
 from hpc_gan.config import load_config
 from hpc_gan.models import Critic, Generator
 from hpc_gan.privacy.dp_critic import dp_critic_step, make_private_critic
-from hpc_gan.privacy.dp_trainer import DPTrainer
+from hpc_gan.train.dp_trainer import DPTrainer
 from hpc_gan.train.consolidate import consolidate, load_generator
 
 ENV = hdist.detect()

@@ -23,8 +23,11 @@ markers with the DeepSpeed trainer (:class:`hpc_gan.train.trainer.TrainingLoop`)
   metrics record, in each checkpoint's ``state.json`` and in the consolidated generator, from
   which sampling and evaluation carry it into the samples' manifest and the evaluation report.
   With ``privacy.target_epsilon`` > 0, sigma is chosen so that the whole run spends that epsilon.
-* **Checkpoints.** ``dp_state.pt`` (rank 0): both networks, both Adam states, the noise RNG and
-  the critic step count, beside the usual per-rank RNG files, ``state.json`` and ``COMPLETE``.
+* **Checkpoints.** The same :class:`~hpc_gan.train.checkpointer.Checkpointer` as the DeepSpeed
+  trainer, with these parts instead of the engines (rank 0 writes them; every rank holds the
+  same): ``dp_generator`` and ``dp_critic`` (network, Adam state; the critic also its
+  accountant's step count), ``dp_noise`` (the noise RNG and the secret sampling seed, never in
+  state.json) and ``data`` (the Poisson sampler's cursor: the next critic step's draw).
 
 Example:
     >>> cfg = load_config("dp", profile="smoke", overrides=["data.root=demo_out/shards"])
@@ -46,7 +49,7 @@ from hpc_gan.errors import CheckpointError, ConfigError
 from hpc_gan.models import build_critic, build_generator, count_parameters
 from hpc_gan.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from hpc_gan.privacy.dp_critic import dp_critic_step, generator_step, make_private_critic
-from hpc_gan.train import checkpoint as ckpt
+from hpc_gan.train.checkpointer import JSON, SHARED, Checkpointer
 from hpc_gan.train.steps import StepResult, all_finite, to_model_range
 from hpc_gan.train.trainer import TrainingLoop
 
@@ -134,6 +137,7 @@ class DPTrainer(TrainingLoop):
         self.noise_rng = torch.Generator(device=self.device).manual_seed(noise_seed)
         self.private = make_private_critic(critic, c_optimizer, self.sample_rate, self.sigma, p.max_grad_norm,
                                            distributed=env.world_size > 1, noise_generator=self.noise_rng)
+        self.cursor = PoissonCursor(self.private)
 
     # ------------------------------------------------------------------ the loop's parts
 
@@ -149,9 +153,9 @@ class DPTrainer(TrainingLoop):
         """Expected passes over the data so far (q x critic steps)."""
         return int(self.private.steps * self.sample_rate)
 
-    def _real_batches(self):  # starts at the critic step count that resume() restored
+    def _real_batches(self):  # starts at the cursor that resume() restored
         sampler = PoissonBatches(len(self.dataset), self.sample_rate, self.env.rank, self.env.world_size,
-                                 self.sampling_seed, start=self.private.steps)
+                                 self.sampling_seed, start=self.cursor.next_draw)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Stack(self.dataset.patch_shape),
                             num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda")
         return (to_model_range(batch).to(self.device, non_blocking=True) for batch in loader)
@@ -193,22 +197,18 @@ class DPTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_networks(self, where: Path) -> None:
-        where.mkdir(parents=True, exist_ok=True)
-        if self.env.rank == 0:  # every rank holds the same weights
-            torch.save({"generator": self.generator.state_dict(), "critic": self.private.critic.state_dict(),
-                        "g_optimizer": self.g_optimizer.state_dict(),
-                        "c_optimizer": self.private.optimizer.original_optimizer.state_dict(),
-                        "noise_rng": self.noise_rng.get_state(), "sampling_seed": self.sampling_seed,
-                        "critic_steps": self.private.steps},
-                       where / ckpt.DP_STATE)
+    def _register_networks(self, checkpointer: Checkpointer) -> None:
+        checkpointer.register("dp_generator", _Trained(self.generator, self.g_optimizer), SHARED)
+        checkpointer.register("dp_critic", _PrivateCritic(self.private), SHARED)
+        checkpointer.register("dp_noise", _Noise(self), SHARED)
+        checkpointer.register("data", self.cursor, JSON)
 
     def _state_extra(self) -> dict:
         return {"trainer": "dp", "privacy": self.privacy_record()}
 
-    def _load_networks(self, where: Path, state: dict) -> None:
-        if state.get("trainer") != "dp" or not (where / ckpt.DP_STATE).is_file():
-            raise CheckpointError(f"checkpoint {where} was not written by the DP trainer (no {ckpt.DP_STATE}); use "
+    def _check_resume(self, state: dict, where: Path) -> None:
+        if state.get("trainer") != "dp" or "dp_generator.pt" not in state.get("files", {}):
+            raise CheckpointError(f"checkpoint {where} was not written by this DP trainer (no dp_generator.pt); use "
                                   "another run name or remove the directory")
         saved = state.get("privacy", {})
         if saved.get("noise_multiplier") != self.sigma or saved.get("sample_rate") != self.sample_rate:
@@ -216,15 +216,61 @@ class DPTrainer(TrainingLoop):
                 f"checkpoint {where} was trained with sigma {saved.get('noise_multiplier')} and q "
                 f"{saved.get('sample_rate')}, this job has sigma {self.sigma} and q {self.sample_rate}: the privacy "
                 "accounting would be wrong; resume with the same privacy settings, batch size and number of ranks")
-        try:
-            payload = torch.load(where / ckpt.DP_STATE, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or damaged file
-            raise CheckpointError(f"{where / ckpt.DP_STATE} cannot be read ({exc.__class__.__name__}); resume from "
-                                  "an older checkpoint") from None
-        self.generator.load_state_dict(payload["generator"])
-        self.private.critic.load_state_dict(payload["critic"])
-        self.g_optimizer.load_state_dict(payload["g_optimizer"])
-        self.private.optimizer.original_optimizer.load_state_dict(payload["c_optimizer"])
-        self.noise_rng.set_state(payload["noise_rng"])
-        self.sampling_seed = int(payload["sampling_seed"])
-        self.private.steps = int(payload["critic_steps"])
+
+
+class PoissonCursor:
+    """The DP data position (JSON part "data"): the index of the next Poisson draw. It equals
+    the critic steps taken, which the trainer reads when the batches are made after resume."""
+
+    def __init__(self, private) -> None:
+        self.private = private
+        self.next_draw = 0
+
+    def state_dict(self) -> dict:
+        return {"next_draw": int(self.private.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_draw = int(state["next_draw"])
+
+
+class _Trained:
+    """A network and its optimizer as one SHARED part."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class _PrivateCritic(_Trained):
+    """The DP critic, its Adam state and the accountant's critic step count."""
+
+    def __init__(self, private) -> None:
+        super().__init__(private.critic, private.optimizer.original_optimizer)
+        self.private = private
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"critic_steps": int(self.private.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.private.steps = int(state["critic_steps"])
+
+
+class _Noise:
+    """The noise generator's state and the secret sampling seed (never in state.json)."""
+
+    def __init__(self, trainer: DPTrainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"noise_rng": self.trainer.noise_rng.get_state(), "sampling_seed": self.trainer.sampling_seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.noise_rng.set_state(state["noise_rng"])
+        self.trainer.sampling_seed = int(state["sampling_seed"])

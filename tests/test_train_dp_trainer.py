@@ -18,7 +18,7 @@ from hpc_gan.config import load_config  # noqa: E402
 from hpc_gan.dist import DistEnv, without_launcher_env  # noqa: E402
 from hpc_gan.errors import CheckpointError, ConfigError  # noqa: E402
 from hpc_gan.privacy.accounting import epsilon  # noqa: E402
-from hpc_gan.privacy.dp_trainer import DPTrainer, PoissonBatches  # noqa: E402
+from hpc_gan.train.dp_trainer import DPTrainer, PoissonBatches  # noqa: E402
 from hpc_gan.train.consolidate import consolidate, load_generator  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,10 @@ def test_records_carry_the_epsilon_spent(trained):
 def test_checkpoint_holds_the_privacy_record(trained):
     where = trained.ckpt_root / "step-00000004"
     state = json.loads((where / "state.json").read_text())
-    assert state["trainer"] == "dp" and (where / "dp_state.pt").is_file() and (where / "COMPLETE").is_file()
+    assert state["trainer"] == "dp" and (where / "COMPLETE").is_file()
+    for name in ("dp_generator.pt", "dp_critic.pt", "dp_noise.pt"):  # recorded with size and digest
+        assert state["files"][name]["size"] == (where / name).stat().st_size
+    assert "sampling_seed" not in json.dumps(state)  # the secret seed stays in dp_noise.pt
     assert state["privacy"]["critic_steps"] == 20 and state["privacy"]["training_patches"] == 15
     assert state["privacy"]["epsilon"] == pytest.approx(trained.private.epsilon(trained.delta))
 
@@ -172,14 +175,39 @@ def test_resume_with_other_privacy_settings_is_refused(smoke_shards, tmp_path):
         other.fit()
 
 
+def test_a_refused_resume_leaves_the_run_untouched(smoke_shards, tmp_path):
+    """Issue 13, item 6: a refused resume must not have rewritten config.yaml or the metrics."""
+    first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE)
+    first.fit()
+    files = [first.run_dir / "config.yaml", first.run_dir / "metrics.jsonl"]
+    before = [f.read_bytes() for f in files]
+    with pytest.raises(CheckpointError, match="privacy accounting would be wrong"):
+        DPTrainer(_cfg(smoke_shards, tmp_path, "privacy.noise_multiplier=0.7", "train.lr_critic=0.5"), SINGLE).fit()
+    assert [f.read_bytes() for f in files] == before
+
+
+def test_torn_metrics_line_after_a_checkpoint_resumes_into_one_log(smoke_shards, tmp_path):
+    """Issue 13, item 2: a job killed while appending left a torn line after the checkpoint."""
+    first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=2", "train.checkpoint_every=1"), SINGLE)
+    first.fit()
+    metrics = first.run_dir / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"step": 3, "loss_cri')
+    (first.ckpt_root / "step-00000002" / "COMPLETE").unlink()  # killed before step 2's checkpoint was whole
+    resumed = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=3", "train.checkpoint_every=1"), SINGLE)
+    assert resumed.resume_point.tag == "step-00000001"
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_damaged_dp_checkpoint_is_refused(smoke_shards, tmp_path):
     first = DPTrainer(_cfg(smoke_shards, tmp_path, "train.max_steps=1"), SINGLE)
     first.fit()
-    state = first.ckpt_root / "step-00000001" / "dp_state.pt"
+    state = first.ckpt_root / "step-00000001" / "dp_generator.pt"
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*dp_generator\.pt has 100 bytes"):
         DPTrainer(_cfg(smoke_shards, tmp_path), SINGLE).fit()
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match=r"dp_generator\.pt has 100 bytes"):
         consolidate(first.run_dir)
 
 
