@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from hpc_gan.models.resnet3d import state_dict_sha256
+
 from hpc_gan import config
 from hpc_gan.cli import main
 from hpc_gan.models import Generator
@@ -138,7 +140,7 @@ def _dp_checkpoint(run_dir, step: int, poison: str | None = None):
     if poison:
         state[poison] = torch.full_like(state[poison], math.inf)
     buffers = {k: v for k, v in state.items() if "running" in k or "num_batches" in k}
-    torch.save({"generator": {k: v for k, v in state.items() if k not in buffers}}, where / ckpt.DP_STATE)
+    torch.save({"model": {k: v for k, v in state.items() if k not in buffers}}, where / "dp_generator.pt")
     torch.save(buffers, where / ckpt.BUFFERS)
     cfg = config.to_dict(config.load_config("sn", "smoke", overrides=["model.latent_dim=8", "model.ngf=16",
                                                                        "model.patch_shape=16,16,16"]))
@@ -164,6 +166,7 @@ def test_sampling_refuses_a_consolidated_file_with_infinite_buffers(tmp_path, ca
     path = consolidate(tmp_path)
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["net.0.running_var"][0] = math.inf  # e.g. written by an older version
+    payload["state_dict_sha256"] = state_dict_sha256(payload["state_dict"])  # a consistent digest: not damage
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
     with pytest.raises(guards.NonFiniteStateError, match="'net.0.running_var' has inf in 1 of"):
