@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpc_gan.data.manifest import Manifest, load_manifest, verify_shards
-from hpc_gan.data.shards import open_shard
+from hpc_gan.data.shards import open_shard, read_patch
 from hpc_gan.errors import DataError
 
 # Signals that SLURM and submitit use for time limits and preemption: the main process handles
@@ -80,23 +80,25 @@ class ShardedPatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         shard, row = self.locate(int(index))
-        f = self._file(shard)
-        names = ("image", "label", "mask") if self.with_mask else ("image", "label")
-        out = torch.empty((len(names), *self.patch_shape), dtype=torch.float32)  # (2 or 3, X, Y, Z)
-        f["image"].read_direct(out[0].numpy(), np.s_[row])  # decode straight into the output, no copy
-        for channel, name in enumerate(names[1:], start=1):
-            out[channel].copy_(torch.from_numpy(f[name][row]))              # uint8 -> float32
+        out = torch.empty((len(self._names), *self.patch_shape), dtype=torch.float32)  # (2 or 3, X, Y, Z)
+        read_patch(self._file(shard), row, out.numpy(), self._names)  # damage -> DataError naming shard, row
         return out
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return ("image", "label", "mask") if self.with_mask else ("image", "label")
 
     def subject_of(self, index: int) -> str:
         shard, row = self.locate(int(index))
-        return self._file(shard)["subject"][row].decode()
+        value = self._file(shard)["subject"][row]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
     def _file(self, shard: int):
         if self._pid != os.getpid():  # a forked worker must not share the parent's HDF5 handles
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = open_shard(self.manifest.root / self._shards[shard].file)
+            self._files[shard] = open_shard(self.manifest.root / self._shards[shard].file, self._shards[shard].n,
+                                            self._names)
         return self._files[shard]
 
     def __getstate__(self) -> dict:
