@@ -186,9 +186,12 @@ class PatchLoader:
                             num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
                             persistent_workers=False)
-        for batch in loader:
-            self.position += len(batch)
-            yield batch
+        try:
+            for batch in loader:
+                self.position += len(batch)
+                yield batch
+        except DataError as exc:  # from a worker, torch puts the worker's traceback into the message
+            raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         self.epoch += 1
         self.position = 0
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_gan.data.shards import READABLE_VERSIONS
+from hpc_gan.data.shards import READABLE_VERSIONS, open_shard
 from hpc_gan.io import file_sha256, write_text_atomic
 from hpc_gan.errors import DataError
 
@@ -138,10 +138,14 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "full") -> None:
     """Check that every shard of a split is present and unchanged.
 
     Args:
-        mode: ``full`` compares SHA-256 (reads every byte), ``size`` only file sizes, ``none`` nothing.
+        mode: ``full`` compares SHA-256 (reads every byte), ``size`` only file sizes, ``none``
+            nothing. ``full`` and ``size`` also open each shard and check it holds the patch
+            datasets with at least the rows the manifest lists (a manifest that claims more
+            patches than a shard holds has the right checksums and would fail only mid-run).
 
     Raises:
-        DataError: a shard is missing or its size or checksum differs from the manifest.
+        DataError: a shard is missing, its size or checksum differs from the manifest, or it
+            lacks a dataset or rows.
     """
     if mode not in VERIFY_MODES:
         raise DataError(f"unknown verify mode '{mode}'; choose one of: {', '.join(VERIFY_MODES)}")
@@ -158,3 +162,4 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "full") -> None:
         if mode == "full" and file_sha256(path) != shard.sha256:
             raise DataError(f"shard '{path}' checksum does not match the manifest: the file is damaged "
                             "or was changed; restore it or re-run the packing")
+        open_shard(path, shard.n, ("image", "label", "mask") if manifest.has_mask else ("image", "label")).close()

@@ -29,6 +29,7 @@ still read; their damage is caught by the value checks and by ``hpc_gan inspect`
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import hdf5plugin
@@ -83,6 +84,11 @@ def write_shard(path: str | os.PathLike, arrays: dict[str, np.ndarray], compress
             f.create_dataset("kind", data=np.asarray(arrays["kind"], dtype=np.uint8))
 
 
+def inspect_advice(path: str | os.PathLike) -> str:
+    """What to do about a damaged shard."""
+    return f"run `hpc_gan inspect {Path(path).parent}`, then restore the shard or re-run the packing"
+
+
 def open_shard(path: str | os.PathLike, rows: int | None = None, names: tuple[str, ...] = ()) -> h5py.File:
     """Open a shard read-only without HDF5 file locking and check its structure.
 
@@ -98,8 +104,7 @@ def open_shard(path: str | os.PathLike, rows: int | None = None, names: tuple[st
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise DataError(f"shard '{path}' cannot be opened as HDF5 ({exc}); run `hpc_gan inspect` on its "
-                        "directory, then restore the shard or re-run the packing") from None
+        raise DataError(f"shard '{path}' cannot be opened as HDF5 ({exc}); {inspect_advice(path)}") from None
     for name in names:
         if not isinstance(f.get(name), h5py.Dataset):
             f.close()
@@ -109,7 +114,7 @@ def open_shard(path: str | os.PathLike, rows: int | None = None, names: tuple[st
             held = f[name].shape[0]
             f.close()
             raise DataError(f"shard '{path}' holds {held} '{name}' rows but the manifest lists {rows}; "
-                            "run `hpc_gan inspect` on its directory, then restore the shard or re-run the packing")
+                            f"{inspect_advice(path)}")
     return f
 
 
@@ -132,7 +137,7 @@ def read_patch(f: h5py.File, row: int, out: np.ndarray, names: tuple[str, ...] =
             [-1, 1], a label or mask not 0/1); one line naming the shard and row.
     """
     where = f"shard '{f.filename}' row {row}"
-    advice = "run `hpc_gan inspect` on its directory, then restore the shard or re-run the packing"
+    advice = inspect_advice(f.filename)
     try:
         f[names[0]].read_direct(out[0], np.s_[row])  # decode straight into the output, no copy
         for channel, name in enumerate(names[1:], start=1):
