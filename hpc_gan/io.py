@@ -257,3 +257,34 @@ def _swap_contents(stage: Path, target: Path, owned: Callable[[str], bool], last
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def set_aside(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Move directories out of the way for a body that recreates them; delete them only if it succeeds.
+
+    For outputs that are not written in one place at once (``submit --overwrite`` writes a run's
+    config, then the job is accepted by the scheduler): each existing path is renamed to a
+    hidden ``.<name>.old-XXXX`` beside it. If the body succeeds the old directories are
+    deleted; if it fails, whatever the body created under the paths is removed and the old
+    directories are renamed back, so a refused submission loses nothing.
+
+    Yields:
+        The paths set aside (those that existed).
+    """
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in map(Path, paths):
+            if path.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, aside / path.name)
+                moved.append((path, aside))
+        yield [path for path, _ in moved]
+    except BaseException:
+        for path, aside in reversed(moved):
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(aside / path.name, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    for _, aside in moved:
+        shutil.rmtree(aside, ignore_errors=True)

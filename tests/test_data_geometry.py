@@ -141,3 +141,11 @@ def test_degenerate_affine_is_one_line(tmp_path):
 def test_pack_refuses_negative_seed(subjects_dir, tmp_path, capsys):
     assert main(_pack_args(subjects_dir, tmp_path / "o", "--seed", "-1")) == 2
     assert_one_line_error(capsys, "--seed", "-1", "0 or more")
+
+
+def test_a_failing_value_is_never_printed_as_a_passing_one():
+    """PRD's histogram check used to print a sum of 1.0000011 as 'sums to 1'."""
+    from hpc_gan.eval.prd import _histogram
+
+    with pytest.raises(ValueError, match=r"sums to 1\.000001"):
+        _histogram([0.5, 0.5000011], "eval_dist")

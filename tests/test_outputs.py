@@ -269,3 +269,51 @@ def test_evaluate_refuses_a_file_as_out_and_names_a_foreign_weights_file(packed,
     assert main(_evaluate(packed, tmp_path / "r", "--weights", str(tmp_path / "w.pth"))) == 2
     err = assert_one_line_error(capsys, "w.pth", "not a PyTorch checkpoint")
     assert "weights_only" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# consolidate, pull, submit (output_root and --overwrite of runs)
+
+
+def test_consolidate_and_pull_refuse_unusable_outputs(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    assert main(["consolidate", str(tmp_path / "run"), "--out", str(tmp_path / "d")]) == 2
+    assert_one_line_error(capsys, "--out", "is a directory")
+    assert main(["consolidate", str(tmp_path / "run"), "--out", str(tmp_path / "f" / "g.pt")]) == 2
+    assert_one_line_error(capsys, "--out", "lies under")
+    assert main(["pull", str(tmp_path / "run"), "--dest", str(tmp_path / "f")]) == 2
+    assert_one_line_error(capsys, "--dest", "is a file")
+
+
+def _submit_base(packed, root):
+    return ["submit", "--variant", "sn", "--set", f"data.root={packed}", "--set", f"output_root={root}",
+            "--cluster", "local", "--profile", "smoke"]
+
+
+def test_submit_refuses_an_output_root_that_is_a_file(packed, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(_submit_base(packed, tmp_path / "f")) == 2
+    assert_one_line_error(capsys, "output_root", "is a file")
+    assert main(_submit_base(packed, tmp_path / "f" / "runs")) == 2
+    assert_one_line_error(capsys, "output_root", "lies under")
+
+
+def test_submit_overwrite_keeps_the_old_run_until_the_job_is_accepted(packed, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "runs" / "run" / "sn"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "keep.txt").write_text("old run")
+    import hpc_gan.launch.submit as submitting
+
+    def refused(*args, **kwargs):
+        raise submitting.LaunchError("sbatch: error: invalid account")
+
+    monkeypatch.setattr(submitting, "submit_array", refused)
+    assert main([*_submit_base(packed, tmp_path / "runs"), "--overwrite"]) == 2
+    assert_one_line_error(capsys, "invalid account")
+    assert _snapshot(run_dir) == {"checkpoints/keep.txt": b"old run"}
+    assert not _no_leftovers(run_dir.parent)
+    monkeypatch.setattr(submitting, "submit_array", lambda *a, **k: [])
+    assert main([*_submit_base(packed, tmp_path / "runs"), "--overwrite"]) == 0
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "config.yaml").is_file()
+    assert not _no_leftovers(run_dir.parent)
