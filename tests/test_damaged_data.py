@@ -176,3 +176,23 @@ def test_tstr_names_the_damaged_shard(packed, damaged, tmp_path, capsys):
             "--channels", "2", "4", "8", "16"]
     assert main(argv) == 2
     assert_one_line_error(capsys, "val-00000.h5", "row 0", "hpc_gan inspect")
+
+
+def test_training_with_verify_size_stops_at_the_damaged_patch(smoke_shards, tmp_path):
+    """The smoke profile's `data.verify: size` cannot see bytes changed in place; the read does,
+    in a DataLoader worker, and the job exits with one line (it used to hang at exit, joining a
+    worker that ignores SIGTERM)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "shards"
+    shutil.copytree(smoke_shards, root)
+    invert_chunk_bytes(root / "train-00000.h5", row=3)
+    done = subprocess.run([sys.executable, "-m", "hpc_gan.train", "--variant", "sn", "--profile", "smoke",
+                           "--set", f"data.root={root}", "--set", f"output_root={tmp_path / 'runs'}",
+                           "--set", "train.max_steps=12", "--set", "data.verify=size", "--set", "train.num_workers=1"],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: rank 0: shard") and "train-00000.h5' row 3" in err and "hpc_gan inspect" in err

@@ -186,12 +186,20 @@ class PatchLoader:
                             num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
                             worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
                             persistent_workers=False)
+        batches = iter(loader)
         try:
-            for batch in loader:
+            for batch in batches:
                 self.position += len(batch)
                 yield batch
         except DataError as exc:  # from a worker, torch puts the worker's traceback into the message
             raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        finally:
+            # Stop the workers now, not when garbage collection gets to the iterator: they ignore
+            # SIGTERM (see _ignore_preemption_signals), so multiprocessing's exit-time terminate()
+            # cannot end them, and a job leaving with an error would hang in join() at exit.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         self.epoch += 1
         self.position = 0
 
