@@ -113,7 +113,7 @@ def sample_and_evaluate(cfg, generator_file: Path, n: int) -> Path:
     log.info("5/7 sampling %d patches from %s", n, generator_file.name)
     sample_to_disk(generator_file, n, samples, fmt="hdf5", seed=0, overwrite=True)
     log.info("6/7 evaluating them against the real training patches (held-out baseline: test split)")
-    evaluate(str(samples), cfg.data.root, str(report), seed=0)
+    evaluate(str(samples), cfg.data.root, str(report), seed=0, overwrite=True)  # the demo re-runs from scratch
     return report
 
 

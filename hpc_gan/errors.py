@@ -47,3 +47,8 @@ class CheckpointError(HpcGanError):
 
 class LaunchError(HpcGanError):
     """A job cannot be submitted as asked."""
+
+
+class OutputError(HpcGanError):
+    """An output path cannot be written: it is a file, lies under a file, is not writable, or the
+    disk filled up while writing."""

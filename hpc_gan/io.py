@@ -1,10 +1,14 @@
-"""Files that readers never see half-written, and file digests.
+"""Files and directories that readers never see half-written, output-path checks, file digests.
 
 Every writer of a file that another process (a resuming job, a reader on another node, a user
 after a crash or a full disk) may open goes through :func:`atomic_path`: the data is written to a
 hidden temporary name in the same directory, flushed and fsynced, then renamed over the target
 (``os.replace`` is atomic within one file system). A failure at any point removes the temporary
 and leaves the previous file untouched.
+
+Whole output directories (a packed dataset, a sample set, an evaluation report) are built
+beside their target by :func:`staged_directory` and swapped in only when complete, and every
+command checks its output path first with :func:`check_output_path`.
 
 Example:
     >>> with atomic_path("runs/a/metrics.json") as tmp:   # doctest: +SKIP
@@ -14,11 +18,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -147,3 +154,171 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         logging.getLogger(__name__).warning("%s: skipped %d line(s) that are not JSON objects (first: line %d)",
                                             path, len(bad), bad[0])
     return records
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths: checked before any work, and whole directories replaced only when complete
+
+
+def check_output_path(path: str | os.PathLike, flag: str, kind: str = "directory") -> Path:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    One check for every command's output (``pack --out``, ``make-phantoms --out``, ``sample
+    --out``, ``evaluate --out``, ``consolidate --out``, ``pull --dest``, ``output_root``): the
+    path must not be of the other kind, must not lie under a file, and the directory it will be
+    written in (the path itself when it is an existing directory, otherwise its nearest existing
+    ancestor; for a directory also the parent, where :func:`staged_directory` builds it) must be
+    writable.
+
+    Args:
+        path: the output.
+        flag: how the user named it, for the message, e.g. ``"--out"`` or ``"output_root"``.
+        kind: ``"directory"`` or ``"file"``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: one line naming the path, what is wrong and the fix.
+    """
+    from hpc_gan.errors import OutputError
+
+    path = Path(path)
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} '{path}' is a file, not a directory; give a directory path")
+    if kind == "file" and path.is_dir():
+        raise OutputError(f"{flag} '{path}' is a directory; give a file path (e.g. '{path / 'generator.pt'}')")
+    ancestor = path.parent.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{flag} '{path}' lies under '{ancestor}', which is a file; choose another path")
+    places = [ancestor] + ([path] if kind == "directory" and path.is_dir() else [])
+    for place in places:
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} '{path}': no permission to write in '{place}'; choose a writable location")
+    return path
+
+
+def write_error(exc: OSError, what: str) -> Exception:
+    """One-line :class:`~hpc_gan.errors.OutputError` for an ``OSError`` raised while writing ``what``.
+
+    A full disk (ENOSPC, also when HDF5 reports it only in its message) and a full quota
+    (EDQUOT) are named as such; anything else keeps its system message.
+    """
+    from hpc_gan.errors import OutputError
+
+    text = str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text:
+        reason = "no space left on device" if exc.errno != errno.EDQUOT else "disk quota exceeded"
+        return OutputError(f"{reason} writing {what}; free space or choose another output, then run again")
+    return OutputError(f"cannot write {what}: {exc.strerror or text}")
+
+
+def _mode_from_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike, owned: Callable[[str], bool] = lambda name: True,
+                     last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Build a directory's new content beside it; put it in place only when the body succeeds.
+
+    The body writes into a hidden staging directory ``.<name>.staging-XXXX`` in the same parent
+    (so the final moves are renames on one file system). On success the target's *owned*
+    entries (those ``owned(name)`` says this writer produces) are moved into a hidden
+    ``.<name>.old-XXXX`` directory, the staged entries are renamed into the target, and the old
+    ones are deleted; entries the writer does not own (a user's notes, a cache) stay in place. A
+    missing target is created by renaming the staging directory itself (atomic). On any failure
+    (an error, a full disk, Ctrl-C) the staging directory is removed and the target is untouched;
+    a failure during the swap moves the old entries back.
+
+    Args:
+        target: the output directory, e.g. ``data/shards``.
+        owned: whether an existing entry name belongs to the previous output and is replaced.
+        last: entry names moved out first and in last (e.g. ``manifest.json``): a reader that
+            sees one sees a complete directory.
+
+    Yields:
+        The staging directory to write into.
+
+    Example:
+        >>> with staged_directory("data/shards", owned=lambda n: n.endswith(".h5")) as stage:  # doctest: +SKIP
+        ...     write_shards(stage)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        os.chmod(stage, _mode_from_umask())
+        yield stage
+        if not target.exists():
+            os.rename(stage, target)
+        else:
+            _swap_contents(stage, target, owned, last)
+        fsync_path(target.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _ordered(names: list[str], last: tuple[str, ...], reverse: bool) -> list[str]:
+    ordered = sorted(names, key=lambda n: (n in last, n))
+    return ordered[::-1] if reverse else ordered
+
+
+def _swap_contents(stage: Path, target: Path, owned: Callable[[str], bool], last: tuple[str, ...]) -> None:
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in _ordered([p.name for p in target.iterdir() if owned(p.name)], last, reverse=True):
+            os.rename(target / name, old / name)
+            moved_out.append(name)
+        for name in _ordered([p.name for p in stage.iterdir()], last, reverse=False):
+            if (target / name).exists():  # an entry the writer does not own has the new entry's name
+                from hpc_gan.errors import OutputError
+
+                raise OutputError(f"'{target / name}' is in the way of the new output; move it away and run again")
+            os.rename(stage / name, target / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.rename(target / name, stage / name)
+        for name in reversed(moved_out):
+            os.rename(old / name, target / name)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def set_aside(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Move directories out of the way for a body that recreates them; delete them only if it succeeds.
+
+    For outputs that are not written in one place at once (``submit --overwrite`` writes a run's
+    config, then the job is accepted by the scheduler): each existing path is renamed to a
+    hidden ``.<name>.old-XXXX`` beside it. If the body succeeds the old directories are
+    deleted; if it fails, whatever the body created under the paths is removed and the old
+    directories are renamed back, so a refused submission loses nothing.
+
+    Yields:
+        The paths set aside (those that existed).
+    """
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in map(Path, paths):
+            if path.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, aside / path.name)
+                moved.append((path, aside))
+        yield [path for path, _ in moved]
+    except BaseException:
+        for path, aside in reversed(moved):
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(aside / path.name, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    for _, aside in moved:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -37,6 +37,7 @@ trained ones. ``samples.json`` (and an HDF5 output's manifest) record which were
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import torch
 import hpc_gan
 from hpc_gan.data.manifest import MANIFEST, load_manifest, write_manifest
 from hpc_gan.data.nifti import save_nifti
-from hpc_gan.io import file_sha256, write_json_atomic
+from hpc_gan.io import check_output_path, file_sha256, staged_directory, write_error, write_json_atomic
 from hpc_gan.data.phantom import mip
 from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
 from hpc_gan.plots import new_figure, save_png
@@ -182,12 +183,19 @@ def training_spacing(meta: dict, fallback: tuple[float, float, float] = DEFAULT_
     Returns:
         (spacing (sx, sy, sz) in mm, provenance dict: ``source`` "manifest" or "fallback",
         ``manifest`` path or None, ``manifest_matches_run`` True/False/None, ``reason``).
+
+    Raises:
+        DataError: the manifest is there but unreadable or malformed (damaged bytes, a bad
+            spacing): one line naming it; the fallback is only for a dataset not reachable here.
     """
     root = meta.get("config", {}).get("data", {}).get("root")
     if root:
         try:
             manifest = load_manifest(root)
         except DataError as exc:
+            if (Path(root) / MANIFEST).is_file():  # there but damaged: its spacing must not be guessed
+                raise DataError(f"cannot take the voxel spacing from the training data: {exc} (or `hpc_gan inspect "
+                                f"{root}`)") from None
             log.warning("training data manifest not readable here (%s); writing the fallback spacing %s mm",
                         exc, fallback)
             reason = str(exc)
@@ -411,15 +419,14 @@ class _KeepForPictures:
 
 def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
     """Check the output directory before any work: missing, empty, or (with ``overwrite``) a
-    previous sampling run's, whose files are removed later, once the generator has loaded.
+    previous sampling run's, whose files are replaced only once the new samples are complete.
 
     Raises:
-        SampleError: ``out`` is a file; it is not empty and ``overwrite`` is False; or it holds a
-            packed real dataset (never overwritten by samples).
+        SampleError: ``out`` is not empty and ``overwrite`` is False, or it holds a packed real
+            dataset (never overwritten by samples).
+        OutputError: ``out`` is a file, lies under a file or is not writable.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SampleError(f"--out '{out}' is a file; give a directory")
+    out = check_output_path(out, "--out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise SampleError(f"--out '{out}' is not empty; choose a new directory or pass --overwrite")
@@ -439,11 +446,9 @@ def _holds_real_dataset(out: Path) -> bool:
     return "generator" not in sampling
 
 
-def _clear_previous(out: Path) -> None:
-    (out / MANIFEST).unlink(missing_ok=True)  # first: a crash below leaves visibly no dataset
-    for pattern in _OUTPUT_PATTERNS:
-        for path in out.glob(pattern):
-            path.unlink()
+def _is_sample_output(name: str) -> bool:
+    """Whether an entry of an output directory is a file a sampling run writes (and replaces)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _OUTPUT_PATTERNS)
 
 
 def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.PathLike, fmt: str = "nifti",
@@ -461,7 +466,8 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
         threshold: label threshold in [0, 1]; default the run config's ``model.label_threshold``.
         batch: samples per forward pass.
         spacing: fallback voxel size in mm when the training manifest cannot be read.
-        overwrite: replace a previous sampling run's files in ``out`` (other files are kept).
+        overwrite: replace a previous sampling run's files in ``out`` (other files are kept); the
+            new files are written beside ``out`` and moved in only when all are complete.
         device: where the generator runs.
         variant: if given, the file must hold this variant.
         progress: show a progress bar.
@@ -472,6 +478,7 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
 
     Raises:
         SampleError: bad count, seed, threshold, format or output directory.
+        OutputError: ``out`` cannot be written (a file, under a file, not writable, disk full).
         CheckpointError: the generator file is missing, truncated, foreign or of another variant.
     """
     from tqdm import tqdm
@@ -489,8 +496,6 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
     voxel, spacing_info = training_spacing(meta, spacing)
     log.info("sampling %d patches of variant %s (step %s, %s weights), seed %d, threshold %g, %s -> %s",
              n, meta["variant"], meta["step"], meta["weights"], seed, threshold, fmt, out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
     record = {"generator": str(generator_path), "generator_sha256": file_sha256(generator_path),
               "variant": meta["variant"], "step": meta["step"], "weights": meta["weights"],
               "ema_decay": meta["ema"]["decay"] if meta["ema"] else None, "n": n, "seed": seed,
@@ -502,13 +507,17 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
     batches = tqdm(generate(generator, n, seed, batch, device), total=-(-n // batch), unit="batch",
                    desc="sampling", disable=not progress)
     keep = _KeepForPictures(batches)
-    if fmt == "nifti":
-        write_nifti(keep, out, voxel, threshold)
-    else:
-        sampling = {k: record[k] for k in ("generator", "generator_sha256", "variant", "step", "weights", "seed",
-                                           "n", "threshold", "privacy")}
-        sampling["sha256"] = sampling.pop("generator_sha256")
-        write_hdf5(keep, out, voxel, threshold, sampling)
-    keep.save(out, threshold, voxel)
-    write_json_atomic(out / SAMPLES_JSON, record)
+    try:  # built beside out, moved in when complete: a failed run leaves a previous one intact
+        with staged_directory(out, owned=_is_sample_output, last=(MANIFEST, SAMPLES_JSON)) as stage:
+            if fmt == "nifti":
+                write_nifti(keep, stage, voxel, threshold)
+            else:
+                sampling = {k: record[k] for k in ("generator", "generator_sha256", "variant", "step", "weights",
+                                                   "seed", "n", "threshold", "privacy")}
+                sampling["sha256"] = sampling.pop("generator_sha256")
+                write_hdf5(keep, stage, voxel, threshold, sampling)
+            keep.save(stage, threshold, voxel)
+            write_json_atomic(stage / SAMPLES_JSON, record)
+    except OSError as exc:
+        raise write_error(exc, f"samples into '{out}' (anything there before is unchanged)") from None
     return {**record, "out": str(out), "montage": str(out / "montage.png"), "mip": str(out / "mip.png")}

@@ -211,3 +211,16 @@ def test_config_fields_are_validated_and_explained():
         load_config("sn", overrides=["data.cache=ram"])
     keys = {row[0] for row in describe()}
     assert {"data.cache", "data.cache_dir", "data.cache_image_dtype", "data.cache_keep"} <= keys
+
+
+def test_a_damaged_chunk_is_named_by_shard_and_row_when_the_cache_is_built(packed, settings, tmp_path):
+    """With data.verify=size (no checksum of whole files) the build reads every patch through the
+    checked reader: the shard's Fletcher-32 chunk checksum names the damaged row (issue 13)."""
+    from damage import invert_chunk_bytes
+
+    copy = shutil.copytree(packed, tmp_path / "copy")
+    shard = sorted(copy.glob("train-*.h5"))[0]
+    invert_chunk_bytes(shard, row=1)
+    with pytest.raises(DataError, match=rf"shard '.*{shard.name}' row 1 .*damaged; run .hpc_gan inspect"):
+        open_dataset(copy, "train", "size", settings)
+    assert not store_dir(load_manifest(copy), "train", settings).exists()

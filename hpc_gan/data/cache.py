@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, get_worker_info
 
 from hpc_gan.data.manifest import Manifest, load_manifest, verify_shards
-from hpc_gan.data.shards import open_shard
+from hpc_gan.data.shards import open_shard, read_patch
 from hpc_gan.errors import DataError, HpcGanError
 from hpc_gan.io import fsync_path, write_json_atomic, write_text_atomic
 
@@ -333,12 +333,12 @@ def _decode_shard(shard: str, start: int, build: str) -> list[bytes]:
     may run this: each opens the arrays and writes only its rows)."""
     image = np.load(Path(build) / "image.npy", mmap_mode="r+")
     label = np.load(Path(build) / "label.npy", mmap_mode="r+")
-    buffer = np.empty(image.shape[1:], np.float32)
+    buffer = np.empty((2, *image.shape[1:]), np.float32)
     with open_shard(shard) as f:
         for row in range(f["image"].shape[0]):
-            f["image"].read_direct(buffer, np.s_[row])
-            image[start + row] = buffer                              # float32 -> store dtype
-            label[start + row] = pack_label(f["label"][row])
+            read_patch(f, row, buffer)  # checked: a damaged chunk or impossible values name shard and row
+            image[start + row] = buffer[0]                           # float32 -> store dtype
+            label[start + row] = pack_label(buffer[1].astype(np.uint8))
         subjects = list(f["subject"][:])
     image.flush()
     label.flush()

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpc_gan.data.cache import prefetch
 from hpc_gan.data.manifest import Manifest, load_manifest, verify_shards
-from hpc_gan.data.shards import open_shard
+from hpc_gan.data.shards import open_shard, read_patch
 from hpc_gan.errors import DataError
 
 # Signals that SLURM and submitit use for time limits and preemption: the main process handles
@@ -82,23 +82,25 @@ class ShardedPatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         shard, row = self.locate(int(index))
-        f = self._file(shard)
-        names = ("image", "label", "mask") if self.with_mask else ("image", "label")
-        out = torch.empty((len(names), *self.patch_shape), dtype=torch.float32)  # (2 or 3, X, Y, Z)
-        f["image"].read_direct(out[0].numpy(), np.s_[row])  # decode straight into the output, no copy
-        for channel, name in enumerate(names[1:], start=1):
-            out[channel].copy_(torch.from_numpy(f[name][row]))              # uint8 -> float32
+        out = torch.empty((len(self._names), *self.patch_shape), dtype=torch.float32)  # (2 or 3, X, Y, Z)
+        read_patch(self._file(shard), row, out.numpy(), self._names)  # damage -> DataError naming shard, row
         return out
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return ("image", "label", "mask") if self.with_mask else ("image", "label")
 
     def subject_of(self, index: int) -> str:
         shard, row = self.locate(int(index))
-        return self._file(shard)["subject"][row].decode()
+        value = self._file(shard)["subject"][row]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
     def _file(self, shard: int):
         if self._pid != os.getpid():  # a forked worker must not share the parent's HDF5 handles
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = open_shard(self.manifest.root / self._shards[shard].file)
+            self._files[shard] = open_shard(self.manifest.root / self._shards[shard].file, self._shards[shard].n,
+                                            self._names)
         return self._files[shard]
 
     def __getstate__(self) -> dict:
@@ -204,15 +206,26 @@ class PatchLoader:
             remaining = remaining[: len(remaining) - len(remaining) % self.batch_size]
         if self.compact:  # the same batches, each one gather from the page cache, read ahead by a thread
             chunks = [remaining[i:i + self.batch_size].tolist() for i in range(0, len(remaining), self.batch_size)]
-            loader = prefetch(self.dataset.read_batch, chunks)
+            batches = iter(prefetch(self.dataset.read_batch, chunks))
         else:
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(),
-                                num_workers=self.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
-                                worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
-                                persistent_workers=False)
-        for batch in loader:
-            self.position += len(batch.image) if self.compact else len(batch)
-            yield batch
+            batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=remaining.tolist(),
+                                      num_workers=self.num_workers, drop_last=False,
+                                      pin_memory=torch.cuda.is_available(),
+                                      worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
+                                      persistent_workers=False))
+        try:
+            for batch in batches:
+                self.position += len(batch.image) if self.compact else len(batch)
+                yield batch
+        except DataError as exc:  # from a worker, torch puts the worker's traceback into the message
+            raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        finally:
+            # Stop the workers now, not when garbage collection gets to the iterator: they ignore
+            # SIGTERM (see _ignore_preemption_signals), so multiprocessing's exit-time terminate()
+            # cannot end them, and a job leaving with an error would hang in join() at exit.
+            shutdown = getattr(batches, "_shutdown_workers", None) or getattr(batches, "close", None)
+            if shutdown is not None:
+                shutdown()
         self.epoch += 1
         self.start = self.position = 0
 

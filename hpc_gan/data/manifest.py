@@ -1,7 +1,8 @@
 """``manifest.json``: what a shard directory holds, and the checks a job runs before reading it.
 
 The manifest is written last, atomically, by the packer; a directory without one is not a
-dataset. It records the format version, patch shape, spacing, splits with per-shard counts and
+dataset. It records the format version, patch shape, voxel spacing and orientation (every patch is in
+RAS+ orientation since the packer reorients its sources; ``orientation`` says so), splits with per-shard counts and
 SHA-256, source-file hashes, normalisation, sampling parameters and seed, and the tool version.
 No NIfTI header field is copied into it.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpc_gan.data.shards import READABLE_VERSIONS, open_shard
 from hpc_gan.io import file_sha256, write_text_atomic
-from hpc_gan.data.shards import FORMAT_VERSION
 from hpc_gan.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -81,21 +83,38 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         raise DataError(f"data directory '{root}' does not exist; pack volumes first (data_prep/pack.py) or fix data.root")
     if not path.is_file():
         raise DataError(f"'{root}' has no {MANIFEST}: it is not a packed dataset (or packing did not finish); run data_prep/pack.py")
-    raw = path.read_bytes()
     try:
+        raw = path.read_bytes()
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run the packing") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check the file system or re-run the packing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # damaged bytes may not even be UTF-8
+        raise DataError(f"{path} is not valid JSON ({exc.__class__.__name__}: {exc}); re-run the packing") from None
     if not isinstance(data, dict):
         raise DataError(f"{path} is malformed: expected a JSON object; re-run the packing")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise DataError(f"{path} is malformed: missing {', '.join(missing)}; re-run the packing")
-    if data["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {data['format_version']}, this tool reads {FORMAT_VERSION}; re-pack with this version")
+    if data["format_version"] not in READABLE_VERSIONS:
+        raise DataError(f"{path} has format version {data['format_version']!r}, this tool reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; re-pack with this version")
+    _check_geometry(data, path)
     manifest = Manifest(root=root, data=data, digest=hashlib.sha256(raw).hexdigest())
     _check_structure(manifest, path)
     return manifest
+
+
+def _check_geometry(data: dict, path: Path) -> None:
+    """Patch shape: three positive integers; spacing: three positive finite numbers (mm)."""
+    shape, spacing = data["patch_shape"], data["spacing"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise DataError(f"{path} is malformed: patch_shape {shape!r} is not three positive integers; re-run the packing")
+    if not (isinstance(spacing, list) and len(spacing) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in spacing)):
+        raise DataError(f"{path} is malformed: spacing {spacing!r} is not three positive numbers in mm; "
+                        "re-run the packing")
 
 
 def _check_structure(manifest: Manifest, path: Path) -> None:
@@ -104,7 +123,7 @@ def _check_structure(manifest: Manifest, path: Path) -> None:
         try:
             shards = manifest.shards(split)
             subjects = list(entry["subjects"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"{path} is malformed: split '{split}' lacks {exc}; re-run the packing") from None
         if sum(s.n for s in shards) != entry.get("n_patches", -1):
             raise DataError(f"{path} is malformed: split '{split}' shard counts do not add up to n_patches")
@@ -119,10 +138,14 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "full") -> None:
     """Check that every shard of a split is present and unchanged.
 
     Args:
-        mode: ``full`` compares SHA-256 (reads every byte), ``size`` only file sizes, ``none`` nothing.
+        mode: ``full`` compares SHA-256 (reads every byte), ``size`` only file sizes, ``none``
+            nothing. ``full`` and ``size`` also open each shard and check it holds the patch
+            datasets with at least the rows the manifest lists (a manifest that claims more
+            patches than a shard holds has the right checksums and would fail only mid-run).
 
     Raises:
-        DataError: a shard is missing or its size or checksum differs from the manifest.
+        DataError: a shard is missing, its size or checksum differs from the manifest, or it
+            lacks a dataset or rows.
     """
     if mode not in VERIFY_MODES:
         raise DataError(f"unknown verify mode '{mode}'; choose one of: {', '.join(VERIFY_MODES)}")
@@ -139,3 +162,4 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "full") -> None:
         if mode == "full" and file_sha256(path) != shard.sha256:
             raise DataError(f"shard '{path}' checksum does not match the manifest: the file is damaged "
                             "or was changed; restore it or re-run the packing")
+        open_shard(path, shard.n, ("image", "label", "mask") if manifest.has_mask else ("image", "label")).close()

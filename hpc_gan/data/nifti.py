@@ -4,6 +4,15 @@ Every check raises :class:`~hpc_gan.errors.DataError` with one line naming the f
 Written files get a fresh header holding only geometry (affine, voxel sizes, units): fields
 that can identify a person in a source header (descrip, db_name, aux_file, intent_name, ...)
 are never copied.
+
+Geometry comes from one source: the affine nibabel resolves (``img.affine``: the sform when its
+code is set, else the qform, else pixdim). ``pixdim`` alone is never read, because header tools
+often edit one field and not the other. Every volume is reoriented to the closest canonical
+orientation, RAS+ (``nib.as_closest_canonical``'s transform: axis permutations and flips only,
+no resampling), so axial, sagittal and coronal acquisitions of a dataset all end up with array
+axes (x, y, z) = (left→Right, posterior→Anterior, inferior→Superior); the voxel spacing is the
+length of each column of the reoriented affine. The source orientation is kept as its axis codes
+(``nib.aff2axcodes``, e.g. ``"LPS"`` or ``"PSR"``) for the manifest.
 """
 
 from __future__ import annotations
@@ -24,16 +33,19 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Suffixes that name the role of a file rather than the subject: sub-001_label.nii.gz -> sub-001.
 _ROLE_SUFFIX = re.compile(r"[_-](img|image|tof|mra|angio|label|labels|seg|vessels?|mask|brainmask|brain_mask)$", re.I)
 AFFINE_ATOL = 1e-3  # mm; scanners write affines with float32 rounding
+CANONICAL = "RAS"  # the orientation every loaded volume is turned into
 
 
 @dataclass(frozen=True)
 class Volume:
-    """A checked 3D volume: ``data`` indexed (x, y, z) as stored, its affine and voxel size in mm."""
+    """A checked 3D volume in RAS+ orientation: ``data`` indexed (x, y, z), its (reoriented)
+    affine, its voxel size in mm along x, y, z, and the axis codes the file was stored in."""
 
     data: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, float, float]
     path: str
+    orientation: str = CANONICAL
 
 
 def subject_id(path: str | os.PathLike) -> str:
@@ -74,7 +86,7 @@ def list_nifti(directory: str | os.PathLike, role: str) -> dict[str, Path]:
 
 
 def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
-    """Load one 3D NIfTI volume and check it is usable.
+    """Load one 3D NIfTI volume, check it is usable and turn it to RAS+ orientation.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -82,10 +94,12 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
 
     Returns:
         A :class:`Volume` whose ``data`` is float32 for images and uint8 for labels and masks,
-        e.g. shape (312, 384, 127).
+        e.g. shape (312, 384, 127), reoriented to RAS+; ``spacing`` is the voxel size along
+        those axes in mm, from the affine; ``orientation`` the file's own axis codes.
 
     Raises:
-        DataError: missing file, not NIfTI, not 3D, non-finite voxels, label values outside {0, 1}.
+        DataError: missing file, not NIfTI, not 3D, a degenerate affine, non-finite voxels,
+            label values outside {0, 1}.
     """
     path = Path(path)
     if not path.is_file():
@@ -93,29 +107,64 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
     try:
         img = nib.load(str(path))
         raw = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises several types for foreign or damaged files
         raise DataError(f"{role} file '{path}' is not a readable NIfTI volume ({exc.__class__.__name__}: {exc})") from None
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:
         raise DataError(f"{role} file '{path}' has {raw.ndim} dimensions {raw.shape}; a 3D volume is required")
-    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    data = _typed(raw, role, path)
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing, path=str(path))
+    data = _typed(raw, role, path, img)
+    codes = nib.aff2axcodes(affine)
+    if None in codes or not np.isfinite(affine).all():
+        raise DataError(f"{role} file '{path}' has a degenerate affine (axis codes {codes}, affine "
+                        f"{affine[:3].tolist()}); fix its sform/qform before packing")
+    data, affine = to_canonical(data, affine)
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return Volume(data=data, affine=affine, spacing=spacing, path=str(path), orientation="".join(codes))
 
 
-def _typed(raw: np.ndarray, role: str, path: Path) -> np.ndarray:
-    data = np.asarray(raw, dtype=np.float32)
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise DataError(f"{role} file '{path}' has {bad} NaN or Inf voxels; fix or remove them before packing")
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permute and flip a volume's axes to the closest RAS+ orientation (no resampling).
+
+    The same transform as ``nib.as_closest_canonical``, applied to an array already read.
+
+    Args:
+        data: (I, J, K) array as stored.
+        affine: its 4x4 voxel-to-mm matrix.
+
+    Returns:
+        (data reoriented, e.g. (K, I, J) for a sagittal file, as a contiguous array; its affine).
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, affine
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+    return out, affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+
+
+def _scaling(img) -> str:
+    """The header scaling that turned stored numbers into the values shown (nibabel keeps it on
+    the data proxy once loaded; the in-memory header's copy is reset)."""
+    slope, inter = (getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None))
+    return f"header scl_slope {float(slope)!r}, scl_inter {float(inter)!r}" if slope is not None else "no header scaling"
+
+
+def _typed(raw: np.ndarray, role: str, path: Path, img) -> np.ndarray:
+    if not np.isfinite(raw).all():
+        bad = int((~np.isfinite(raw)).sum())
+        raise DataError(f"{role} file '{path}' has {bad} NaN or Inf voxels ({_scaling(img)}); "
+                        "fix or remove them before packing")
     if role == "image":
-        return data
-    values = np.unique(data)
-    if not np.isin(values, (0.0, 1.0)).all():
-        shown = ", ".join(f"{v:g}" for v in values[:6])
-        raise DataError(f"{role} file '{path}' holds values {{{shown}{', ...' if len(values) > 6 else ''}}}; a {role} must hold only 0 and 1")
-    return data.astype(np.uint8)
+        return np.asarray(raw, dtype=np.float32)
+    values = np.unique(raw)  # checked before any cast: 1.0000001 must not pass as 1
+    if not np.isin(values, (0, 1)).all():
+        wrong = [v for v in values.tolist() if v not in (0, 1)]
+        shown = ", ".join(repr(v) for v in wrong[:6])
+        raise DataError(f"{role} file '{path}' holds value(s) other than 0 and 1: {shown}"
+                        f"{', ...' if len(wrong) > 6 else ''} ({len(wrong)} distinct; {_scaling(img)}); "
+                        f"a {role} must hold only 0 and 1")
+    return raw.astype(np.uint8)
 
 
 def check_same_grid(reference: Volume, other: Volume) -> None:
@@ -123,7 +172,9 @@ def check_same_grid(reference: Volume, other: Volume) -> None:
     if reference.data.shape != other.data.shape:
         raise DataError(f"'{other.path}' has shape {other.data.shape} but '{reference.path}' has {reference.data.shape}; they must be on the same voxel grid")
     if not np.allclose(reference.affine, other.affine, atol=AFFINE_ATOL):
-        raise DataError(f"'{other.path}' and '{reference.path}' have different affines; resample them onto one grid before packing")
+        worst = float(np.abs(reference.affine - other.affine).max())
+        raise DataError(f"'{other.path}' and '{reference.path}' have different affines (largest difference {worst!r} "
+                        f"mm, tolerance {AFFINE_ATOL!r}); resample them onto one grid before packing")
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, is_label: bool = False) -> None:

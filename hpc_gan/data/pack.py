@@ -6,9 +6,12 @@ Two passes, both parallel over processes:
    source files. Every input error surfaces here, before any shard is written.
 2. per shard: extract, normalise and write its patches (temporary name, then rename).
 
-The manifest is written last, so a directory holding one is complete. An existing dataset is
-never touched unless ``overwrite=True``; then its manifest is removed first, so that a crash
-half-way leaves a directory that is visibly not a dataset rather than one with stale checksums.
+The shards and the manifest are written into a staging directory beside the output
+(:func:`hpc_gan.io.staged_directory`) and moved into place only when all are complete, manifest
+last, so a directory holding a manifest is complete. An existing dataset is never touched unless
+``overwrite=True``, and even then a pack that fails (a bad subject, a full disk, Ctrl-C) leaves
+it exactly as it was. Every volume is reoriented to RAS+ and its spacing taken from its affine
+(:func:`hpc_gan.data.nifti.load_volume`); the manifest records both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +30,8 @@ from tqdm import tqdm
 
 import hpc_gan
 from hpc_gan.data import manifest as mf
-from hpc_gan.data.nifti import check_same_grid, list_nifti, load_volume
-from hpc_gan.io import file_sha256
+from hpc_gan.data.nifti import CANONICAL, check_same_grid, list_nifti, load_volume
+from hpc_gan.io import check_output_path, file_sha256, staged_directory, write_error
 from hpc_gan.data.patches import SamplingPlan, extract, minmax_normalise, plan_origins
 from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
 from hpc_gan.errors import DataError
@@ -53,6 +57,7 @@ class _Planned:
     origins: np.ndarray
     hashes: dict
     vessel_fraction: float
+    orientation: str = CANONICAL  # the source file's axis codes, before reorientation
 
 
 def match_subjects(images: str | os.PathLike, labels: str | os.PathLike,
@@ -60,9 +65,16 @@ def match_subjects(images: str | os.PathLike, labels: str | os.PathLike,
     """Pair image, label and mask files by subject id (file name without role suffix).
 
     Raises:
-        DataError: a directory is missing or empty, or a subject lacks its label or mask.
+        DataError: a directory is missing or empty, a subject lacks its label or mask, or a file
+            name is not valid UTF-8 (ids are stored as UTF-8; ``sub-ä01`` is fine).
     """
     found_images = list_nifti(images, "image")
+    for sid, path in found_images.items():
+        try:
+            sid.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in a file name arrive as lone surrogates
+            raise DataError(f"image file name {str(path)!r} is not valid UTF-8; rename it (subject ids are stored "
+                            "as UTF-8)") from None
     found_labels = list_nifti(labels, "label")
     found_masks = list_nifti(masks, "mask") if masks else {}
     for sid in found_images:
@@ -138,28 +150,37 @@ def pack(subjects: list[Subject], splits: dict[str, list[str]], out_dir: str | o
 
     Raises:
         DataError: any input problem, or ``out_dir`` already holds a dataset and ``overwrite`` is False.
+        OutputError: ``out_dir`` cannot be written (a file, under a file, not writable), or the
+            disk filled up; the previous dataset, if any, is left as it was.
     """
     compression_options(compression)  # reject an unknown name before any work
     if patches_per_shard < 1:
         raise DataError(f"patches per shard must be >= 1, got {patches_per_shard}")
-    out = Path(out_dir)
+    out = check_output_path(out_dir, "--out")
     existing = _existing_dataset(out)
     if existing and not overwrite:
         raise DataError(f"'{out}' already holds a dataset ({existing}); choose another directory or pass --overwrite")
     by_id = {s.id: s for s in subjects}
     order = [sid for split in SPLITS for sid in splits.get(split, [])]
     planned = _run(_plan_subject, [(by_id[sid], i, plan) for i, sid in enumerate(order)], workers, progress, "checking")
-    out.mkdir(parents=True, exist_ok=True)
-    if existing:
-        (out / mf.MANIFEST).unlink(missing_ok=True)
-    jobs = _shard_jobs(planned, splits, out, plan, compression, patches_per_shard)
-    written = {path.name: info for path, info in _run(_write_one_shard, jobs, workers, progress, "writing")}
-    for stale in _shard_files(out):
-        if stale.name not in written:
-            stale.unlink()
-    manifest = _manifest(planned, splits, jobs, written, plan, compression)
-    mf.write_manifest(out, manifest)
+    try:
+        with staged_directory(out, owned=_is_dataset_entry, last=(mf.MANIFEST,)) as stage:
+            jobs = _shard_jobs(planned, splits, stage, plan, compression, patches_per_shard)
+            written = {path.name: info for path, info in _run(_write_one_shard, jobs, workers, progress, "writing")}
+            manifest = _manifest(planned, splits, jobs, written, plan, compression)
+            mf.write_manifest(stage, manifest)
+    except OSError as exc:
+        kept = "the previous dataset there is unchanged" if existing else "nothing was left there"
+        raise write_error(exc, f"the dataset '{out}' ({kept})") from None
+    except BrokenProcessPool:
+        raise DataError(f"a process writing shards of '{out}' died (out of memory, or a crash in HDF5 on a full "
+                        "disk); nothing changed there; run again with --workers 1 to see its error") from None
     return manifest
+
+
+def _is_dataset_entry(name: str) -> bool:
+    """What a previous pack wrote into a directory (and ``--overwrite`` replaces)."""
+    return name.endswith(".h5") or name == mf.MANIFEST
 
 
 def _existing_dataset(out: Path) -> str:
@@ -200,7 +221,8 @@ def _plan_subject(subject: Subject, index: int, plan: SamplingPlan) -> _Planned:
         check_same_grid(image, load_volume(subject.mask, "mask"))
         hashes["mask_sha256"] = file_sha256(subject.mask)
     origins = plan_origins(label.data, plan, index, subject.id)
-    return _Planned(subject, index, image.data.shape, image.spacing, origins, hashes, float(label.data.mean()))
+    return _Planned(subject, index, image.data.shape, image.spacing, origins, hashes, float(label.data.mean()),
+                    image.orientation)
 
 
 def _shard_jobs(planned: list[_Planned], splits, out: Path, plan, compression, per_shard) -> list[tuple]:
@@ -269,11 +291,13 @@ def _manifest(planned: list[_Planned], splits, jobs, written, plan: SamplingPlan
         "channels": ["image", "label"],
         "has_mask": any(p.subject.mask is not None for p in planned),
         "spacing": [round(float(s), 6) for s in spacing],
+        "orientation": CANONICAL,
         "normalisation": {"image": "minmax per patch", "range": [-1.0, 1.0], "label": "exact {0,1}"},
         "sampling": plan.to_dict(),
         "compression": compression,
         "splits": split_entries,
-        "sources": {p.subject.id: {"shape": list(p.shape), "spacing": [float(s) for s in p.spacing],
+        "sources": {p.subject.id: {"shape": list(p.shape), "spacing": [round(float(s), 6) for s in p.spacing],
+                                   "orientation": p.orientation,
                                    "n_patches": int(len(p.origins)), "vessel_fraction": round(p.vessel_fraction, 6),
                                    **p.hashes} for p in planned},
     }

@@ -12,7 +12,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 from collections import deque
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -36,7 +35,6 @@ CLASS_SIGNAL = np.array([0.0, 0.55, 0.22, 0.30], dtype=np.float32)
 CLASS_TEXTURE = np.array([0.0, 0.15, 0.20, 0.12], dtype=np.float32)
 VESSEL_SIGNAL, SCALP_VESSEL_SIGNAL = 1.0, 0.9
 SUBDIRS = ("images", "labels", "masks")
-_SUBJECT_FILE = re.compile(r"sub-\d{3,}\.nii\.gz")
 
 
 @dataclass
@@ -380,9 +378,10 @@ def write_phantom_dataset(out_dir, n_subjects, shape=DEFAULT_SHAPE, spacing=DEFA
     """Writes phantoms as ``out_dir/{images,labels,masks}/sub-000.nii.gz``, ``sub-001`` ...
 
     Subject i uses ``np.random.SeedSequence([seed, i])``, so the files are byte-identical whatever
-    ``workers`` is. Files appear atomically, and per subject the image is written last: an image
-    under its final name means the subject is complete. ``workers > 1`` spawns processes, so a
-    calling script needs an ``if __name__ == "__main__":`` guard.
+    ``workers`` is. The three folders are built in a staging directory beside ``out_dir`` and
+    moved in only when every subject is written (:func:`hpc_gan.io.staged_directory`): a run
+    that fails (or is interrupted) leaves ``out_dir`` as it was. ``workers > 1`` spawns
+    processes, so a calling script needs an ``if __name__ == "__main__":`` guard.
 
     Args:
         out_dir: output directory, created if needed.
@@ -391,49 +390,45 @@ def write_phantom_dataset(out_dir, n_subjects, shape=DEFAULT_SHAPE, spacing=DEFA
         seed: non-negative int.
         workers: processes to use, >= 1.
         mip_png: also write ``out_dir/mip_sub-000.png``, axial image MIP beside label MIP.
-        overwrite: replace an existing dataset, deleting its ``sub-*.nii.gz`` not rewritten now.
+        overwrite: replace an existing dataset: its ``images/``, ``labels/``, ``masks/`` and
+            ``mip_*.png`` (other files in ``out_dir`` are kept).
 
     Returns:
         The subject ids, e.g. ``['sub-000', 'sub-001']`` for ``n_subjects=2``.
 
     Raises:
-        ValueError: a malformed argument (named in the message), or ``out_dir/images`` already
-            holds ``.nii.gz`` files and ``overwrite`` is False.
+        ValueError: a malformed argument (named in the message), or one of ``out_dir``'s
+            ``images/``, ``labels/``, ``masks/`` already holds files and ``overwrite`` is False.
+        OutputError: ``out_dir`` is a file, lies under one or is not writable, or the disk
+            filled up (``out_dir`` is then left as it was).
     """
+    from hpc_gan.io import check_output_path, staged_directory, write_error
+
     shape, spacing = _check_geometry(shape, spacing)
     n_subjects, workers = _check_int("n_subjects", n_subjects, 1), _check_int("workers", workers, 1)
     seed = _check_int("seed", seed, 0)
-    out_dir = os.fspath(out_dir)
-    images = os.path.join(out_dir, "images")
-    existing = [n for n in os.listdir(images) if n.endswith(".nii.gz")] \
-        if os.path.isdir(images) else []
+    out_dir = os.fspath(check_output_path(out_dir, "--out"))
+    existing = [os.path.join(sub, n) for sub in SUBDIRS if os.path.isdir(os.path.join(out_dir, sub))
+                for n in os.listdir(os.path.join(out_dir, sub))]
     if existing and not overwrite:
-        raise ValueError(f"{images} already holds {len(existing)} .nii.gz file(s); "
-                         "pass overwrite=True to replace them")
-    for sub in SUBDIRS:
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        raise ValueError(f"{out_dir} already holds {len(existing)} file(s) in {', '.join(SUBDIRS)} (e.g. "
+                         f"{os.path.join(out_dir, existing[0])}); pass overwrite=True (--overwrite) to replace them")
     ids = ["sub-%03d" % i for i in range(n_subjects)]
-    if overwrite:
-        _remove_stale(out_dir, set(ids))
-    jobs = [(out_dir, sid, i, shape, spacing, seed, mip_png and i == 0)
-            for i, sid in enumerate(ids)]
-    # spawn, not fork: forking a process that holds threads (torch, BLAS) can deadlock.
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, n_subjects)) if workers > 1 \
-        else None
-    with pool or contextlib.nullcontext():
-        for sid in (pool.imap_unordered if pool else map)(_write_subject, jobs):
-            log.info("wrote phantom %s", sid)
+    try:
+        with staged_directory(out_dir, owned=lambda name: name in SUBDIRS or name.startswith("mip_")) as stage:
+            for sub in SUBDIRS:
+                os.makedirs(os.path.join(stage, sub))
+            jobs = [(os.fspath(stage), sid, i, shape, spacing, seed, mip_png and i == 0)
+                    for i, sid in enumerate(ids)]
+            # spawn, not fork: forking a process that holds threads (torch, BLAS) can deadlock.
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, n_subjects)) if workers > 1 \
+                else None
+            with pool or contextlib.nullcontext():
+                for sid in (pool.imap_unordered if pool else map)(_write_subject, jobs):
+                    log.info("wrote phantom %s", sid)
+    except OSError as exc:
+        raise write_error(exc, f"phantoms into '{out_dir}' (nothing there changed)") from None
     return ids
-
-
-def _remove_stale(out_dir: str, keep: set[str]) -> None:
-    """Deletes subjects of an earlier, larger dataset so the three folders stay consistent."""
-    for sub in SUBDIRS:
-        folder = os.path.join(out_dir, sub)
-        for name in sorted(os.listdir(folder)):
-            if _SUBJECT_FILE.fullmatch(name) and name[: -len(".nii.gz")] not in keep:
-                log.warning("overwrite: removing stale %s", os.path.join(folder, name))
-                os.remove(os.path.join(folder, name))
 
 
 def _write_subject(job) -> str:

@@ -303,9 +303,14 @@ def reference_segmenter(real_root: str, split: str = "train", *, cache_dir: str 
     path = Path(cache_dir) / f"segmenter-{key[:32]}.pt" if cache_dir else None
     if path is not None and path.is_file():
         model = UNet3d(in_channels=1, out_channels=1, channels=tuple(settings["channels"]), dropout=0.0)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        log.info("reference segmenter from the cache %s", path)
-        return model.to(device or "cpu").eval(), {**identity, "cached": True}
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # a damaged cache file is a miss, not a failed evaluation
+            log.warning("cached reference segmenter %s is unreadable (%s); training it again", path,
+                        exc.__class__.__name__)
+        else:
+            log.info("reference segmenter from the cache %s", path)
+            return model.to(device or "cpu").eval(), {**identity, "cached": True}
     train = {k: settings[k] for k in ("steps", "batch", "lr", "channels")}
     if data_cache is not None and data_cache.mode != "none":  # training reads the split many times
         from hpc_gan.data.cache import open_dataset

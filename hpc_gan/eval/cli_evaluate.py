@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 
-from hpc_gan.cli_types import add_data_cache_arguments, data_cache_settings
+from hpc_gan.cli_types import add_data_cache_arguments, data_cache_settings, non_negative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="sample directory from `hpc_gan sample --format hdf5`")
     parser.add_argument("--real", required=True, help="packed real data (directory with manifest.json)")
-    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--out", required=True, help="report directory (one holding a report needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a report already in --out (the new one is moved in only when complete)")
     parser.add_argument("--real-split", default="train", help="real patches compared with (default train)")
     parser.add_argument("--heldout-split", default="test", help="real-vs-real baseline split (default test)")
-    parser.add_argument("--n", type=int, help="patches per set (default: as many as both sets have)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=positive_int, help="patches per set (default: as many as both sets have)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--extractor", help="medicalnet_resnet10 | medicalnet_resnet18 | medicalnet_resnet50 "
                                             "(default: the one --weights fit, else medicalnet_resnet10)")
     parser.add_argument("--weights", help="pinned weights fetched by `hpc_gan weights fetch` (e.g. "
@@ -29,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "comparable with published FIDs)")
     parser.add_argument("--weights-sha256", help="refuse a weights file whose SHA-256 differs")
     parser.add_argument("--channel", choices=("image", "label"), default="image")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--cache", help="directory caching real-data features and FID statistics "
                                         "(keyed by manifest, extractor, split, N, seed, channel) and the "
                                         "label–image agreement's reference segmenter")
     add_data_cache_arguments(parser)
-    parser.add_argument("--agreement-steps", type=int, default=300,
+    parser.add_argument("--agreement-steps", type=positive_int, default=300,
                         help="training steps of the agreement's reference segmenter (default 300)")
 
 
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from hpc_gan import dist
     from hpc_gan.eval.evaluate import evaluate
 
+    from hpc_gan.eval.evaluate import check_report_dir
+
+    check_report_dir(args.out, args.overwrite)  # before starting a process group: a plain one-line exit
     env = dist.detect()
     if env.world_size > 1:
         dist.init_process_group(env)
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                       n=args.n, seed=args.seed, extractor_name=extractor_for(args.extractor, args.weights), weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,
                       batch=args.batch, rank=env.rank, world_size=env.world_size, cache=args.cache,
-                      agreement_steps=args.agreement_steps, data_cache=data_cache_settings(args))
+                      agreement_steps=args.agreement_steps, data_cache=data_cache_settings(args),
+                      overwrite=args.overwrite)
     if report is not None:
         fid = report["fid"]
         print(f"FID {fid['generated_vs_real']:.4g} (held-out baseline "

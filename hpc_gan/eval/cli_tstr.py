@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hpc_gan.cli_types import add_data_cache_arguments
+from hpc_gan.cli_types import add_data_cache_arguments, non_negative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,20 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", action="append", required=True,
                         help="real | NAME=SAMPLE_DIR | NAME=GENERATOR.pt | NAME+real=... (repeatable)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=2000, help="maximum training steps per source")
-    parser.add_argument("--val-every", type=int, default=100)
-    parser.add_argument("--patience", type=int, default=5, help="validation checks without improvement")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=2000, help="maximum training steps per source")
+    parser.add_argument("--val-every", type=positive_int, default=100)
+    parser.add_argument("--patience", type=positive_int, default=5, help="validation checks without improvement")
+    parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels", type=positive_int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     add_data_cache_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from hpc_gan import dist
+    from hpc_gan.io import check_output_path
 
+    check_output_path(args.out, "--out")  # before any training
     env = dist.detect()
     if env.world_size > 1:
         dist.init_process_group(env)

@@ -15,6 +15,11 @@ features are gathered for PRD, precision/recall and density/coverage; rank 0 com
 and writes ``report.json``, ``report.md``, ``prd.png``, ``label_stats.png`` and
 ``closest_pairs.png`` (the memorisation audit's closest generated/training pairs).
 
+The report directory is checked before any work (``--out`` must be a directory path that can be
+written; one that already holds a report is refused unless ``overwrite``) and the new report is
+built beside it and moved in only when complete (:func:`hpc_gan.io.staged_directory`), so a
+failed or refused evaluation never replaces an earlier report.
+
 Label–image agreement (:mod:`hpc_gan.eval.agreement`) runs on rank 0 alone, after the last
 collective (the other ranks have returned by then, so none waits on it): a reference U-Net
 trained on the real training split (cached in ``cache`` when given) scores up to
@@ -39,6 +44,7 @@ from hpc_gan.errors import DataError
 
 log = logging.getLogger(__name__)
 MS_SSIM_SAMPLES = 32  # images held in memory for the diversity score
+REPORT_FILES = ("report.json", "report.md", "prd.png", "label_stats.png", "closest_pairs.png")
 AGREEMENT_SAMPLES = 256  # pairs per set scored for label–image agreement (a mean: ±0.01 at this N)
 
 
@@ -134,7 +140,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
              n: int | None = None, seed: int = 0, extractor_name: str = "medicalnet_resnet10",
              weights: str | None = None, weights_sha256: str | None = None, channel: int = 0, batch: int = 4,
              rank: int = 0, world_size: int = 1, cache: str | None = None,
-             agreement_steps: int = 300, data_cache=None) -> dict | None:
+             agreement_steps: int = 300, data_cache=None, overwrite: bool = False) -> dict | None:
     """Compute every figure; rank 0 writes the report and returns it (other ranks return None).
 
     ``cache``: a directory where the real sets' features and FID statistics are kept, keyed by
@@ -143,13 +149,22 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     ``agreement_steps``: training steps of that segmenter.
     ``data_cache``: :class:`~hpc_gan.data.cache.CacheSettings` of the real sets (node-local decoded
     cache, as ``data.cache``); None reads the shards.
+    ``overwrite``: replace a report already in ``out`` (files of :data:`REPORT_FILES`;
+    anything else there is kept).
 
     Raises:
-        DataError: bad sample or real sets (see :func:`load_sets`).
+        DataError: bad sample or real sets (see :func:`load_sets`), or a damaged patch (one line
+            naming the shard and row).
         CheckpointError: a missing extractor weights file or one whose SHA-256 does not match.
+        OutputError: ``out`` is a file, lies under one, is not writable, or already holds a
+            report and ``overwrite`` is False; or the disk filled up while writing the report.
     """
     from hpc_gan.models.resnet3d import build_extractor
 
+    check_report_dir(out, overwrite)
+    for name, value in (("n", n), ("batch", batch)):
+        if value is not None and value < 1:
+            raise DataError(f"--{name} {value} must be at least 1")
     sets = load_sets(samples, real, real_split, heldout_split, n, seed, data_cache)
     extractor, identity = build_extractor(extractor_name, weights, seed=seed, expected_sha256=weights_sha256)
     gen_f, gen_stats = embed(sets.generated, extractor, rank, world_size, seed, batch, channel)
@@ -174,15 +189,39 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     report["prd"] = prd_figures(gen_f, real_f, held[0] if held else None, seed)
     report["nearest_neighbours"] = nn_figures(real_f, gen_f, held[0] if held else None)
     report["diversity_ms_ssim"] = diversity(sets.generated, seed)
-    report["label_realism"] = label_figures(sets, Path(out))
-    report["memorisation"] = memorisation
-    report["agreement"] = agreement(sets, real, real_split, heldout_split if held else None, cache, seed,
-                                    agreement_steps, data_cache)
+    from hpc_gan.io import staged_directory, write_error
     from hpc_gan.privacy.audit import closest_pairs_png
 
-    closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"], Path(out) / "closest_pairs.png")
-    write_report(report, Path(out))
+    try:
+        with staged_directory(out, owned=lambda name: name in REPORT_FILES, last=("report.json",)) as stage:
+            report["label_realism"] = label_figures(sets, stage)
+            report["memorisation"] = memorisation
+            report["agreement"] = agreement(sets, real, real_split, heldout_split if held else None, cache, seed,
+                                            agreement_steps, data_cache)
+            closest_pairs_png(sets.generated, sets.real, memorisation["voxel"]["near_copies"],
+                              stage / "closest_pairs.png")
+            write_report(report, stage)
+    except OSError as exc:
+        raise write_error(exc, f"the report into '{out}' (an earlier report there is unchanged)") from None
     return report
+
+
+def check_report_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a report directory that cannot be written, or that holds a report and ``overwrite``
+    is False (checked by every rank before any work, so all ranks stop alike).
+
+    Raises:
+        OutputError: one line naming ``out`` and the fix.
+    """
+    from hpc_gan.errors import OutputError
+    from hpc_gan.io import check_output_path
+
+    out = check_output_path(out, "--out")
+    held = [name for name in REPORT_FILES[:2] if (out / name).exists()]
+    if held and not overwrite:
+        raise OutputError(f"--out '{out}' already holds a report ({held[0]}); choose another directory or pass "
+                          "--overwrite to replace it")
+    return out
 
 
 def privacy_of(generated: Subset) -> dict | None:

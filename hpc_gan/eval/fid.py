@@ -135,8 +135,8 @@ def _clip_rounding(eigenvalues: np.ndarray, name: str) -> np.ndarray:
     """Eigenvalues (ascending) with rounding noise (|λ| <= D·ε·λ_max) set to 0; raises on real negatives."""
     largest = max(float(np.abs(eigenvalues).max()), np.finfo(np.float64).tiny)
     if eigenvalues[0] < -NEGATIVE_TOLERANCE * largest:
-        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues[0]:.3g} against a largest "
-                         f"of {largest:.3g}): pass covariance matrices")
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {float(eigenvalues[0])!r} against a "
+                         f"largest of {largest!r}, tolerance {NEGATIVE_TOLERANCE!r} of it): pass covariance matrices")
     noise = len(eigenvalues) * np.finfo(np.float64).eps * largest
     return np.where(eigenvalues > noise, eigenvalues, 0.0)
 

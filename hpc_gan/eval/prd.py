@@ -93,7 +93,7 @@ def _histogram(values: Any, name: str) -> np.ndarray:
     if not np.isfinite(hist).all() or (hist < 0).any():
         raise ValueError(f"{name} must hold finite, non-negative probabilities")
     if abs(hist.sum() - 1.0) > 1e-6:
-        raise ValueError(f"{name} must sum to 1, sums to {hist.sum():.6g}")
+        raise ValueError(f"{name} must sum to 1 (within 1e-06), sums to {float(hist.sum())!r}")  # exact: 1.0000011 is not "1"
     return hist
 
 

@@ -208,6 +208,7 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
     from hpc_gan.cli_types import data_cache_settings
     from hpc_gan.data.cache import open_dataset
     from hpc_gan.eval.segmentation import box_plots_png, summary_table, write_csv
+    from hpc_gan.io import torch_save_atomic, write_text_atomic
 
     out = Path(args.out)
     data_cache = data_cache_settings(args)
@@ -226,15 +227,15 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
         model, best = train_unet(dataset, val_set, args, rank, world)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), out / f"unet_{source.name}.pt")
+            torch_save_atomic(model.state_dict(), out / f"unet_{source.name}.pt")
             rows += test_model(model, subjects, patch_shape, source.name, out, args.batch)
     if rank == 0:
         write_csv(rows, out / "scores.csv")
-        (out / "table.md").write_text(summary_table(rows))
+        write_text_atomic(out / "table.md", summary_table(rows))
         box_plots_png(by_source(rows), out / "boxplots.png")
         settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
         record = {"sources": [vars(s) for s in sources], "rows": rows, "settings": settings}
-        (out / "tstr.json").write_text(json.dumps(finite_or_none(record), indent=1))  # inf bAVD -> null
+        write_text_atomic(out / "tstr.json", json.dumps(finite_or_none(record), indent=1))  # inf bAVD -> null
     return rows
 
 

@@ -95,8 +95,9 @@ class EvalJob:
             sample_to_disk(newest_consolidated(cfg.run_dir), self.n, samples, fmt="hdf5", seed=self.seed,
                            overwrite=True)
         dist.barrier()
+        # overwrite: a requeued evaluation job redoes its own run's report (replaced only when complete)
         evaluate(str(samples), cfg.data.root, str(cfg.run_dir / "eval"), seed=self.seed, rank=env.rank,
-                 world_size=env.world_size, data_cache=CacheSettings.from_config(cfg.data))
+                 world_size=env.world_size, data_cache=CacheSettings.from_config(cfg.data), overwrite=True)
         return {"report": str(cfg.run_dir / "eval" / "report.json")}
 
 

@@ -356,6 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hpc_gan.io import check_output_path
+
+    check_output_path(args.dest, "--dest")  # before any remote work
     pulled = pull(args.source, args.dest, args.tag, overwrite=args.overwrite, remote_python=args.remote_python,
                   via=args.via)
     made = "consolidated and " if pulled.consolidated else ""

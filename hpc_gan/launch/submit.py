@@ -28,7 +28,7 @@ from hpc_gan import config as config_mod
 from hpc_gan.cli_types import positive_int
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.errors import LaunchError
-from hpc_gan.io import write_text_atomic
+from hpc_gan.io import check_output_path, set_aside, write_text_atomic
 from hpc_gan.launch.slurm_params import slurm_parameters
 from hpc_gan.plan import DEFAULT_GPU_MEMORY_GB, fit_warnings, positive_float
 from hpc_gan.train import checkpoint as ckpt
@@ -144,12 +144,14 @@ def check_precision(cfg: config_mod.RunConfig, cluster: str) -> None:
 
 
 def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> list[str]:
-    """Refuse to mix a new run into a directory that already holds checkpoints; returns one note
-    per resumed run whose checkpoint another number of ranks wrote (the job converts it)."""
+    """Refuse an output_root that cannot be written, and a new run mixed into a directory that
+    already holds checkpoints; returns one note per resumed run whose checkpoint another number
+    of ranks wrote (the job converts it)."""
     if resume and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
     notes = []
     for run in runs:
+        check_output_path(run.cfg.output_root, "output_root")  # a file, under a file, not writable: one line
         tag = ckpt.newest_complete(run.cfg.run_dir / "checkpoints")
         if tag is None or overwrite:
             continue
@@ -173,10 +175,8 @@ def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> lis
     return notes
 
 
-def write_configs(runs: list[PlannedRun], overwrite: bool) -> None:
+def write_configs(runs: list[PlannedRun]) -> None:
     for run in runs:
-        if overwrite and run.cfg.run_dir.exists():
-            shutil.rmtree(run.cfg.run_dir)
         config_mod.save_config(run.cfg, run.config_file)
 
 
@@ -221,8 +221,10 @@ def submit(runs: list[PlannedRun], cluster: str, wait: bool, overwrite: bool = F
     from hpc_gan.launch.job import TrainJob
 
     check_same_resources(runs)  # before write_configs touches a run directory
-    write_configs(runs, overwrite)
-    jobs = submit_array([(run, TrainJob(str(run.config_file))) for run in runs], cluster, JOBS_FILE)
+    # --overwrite: the old run directories are deleted only once the scheduler has accepted the jobs
+    with set_aside([run.cfg.run_dir for run in runs] if overwrite else []):
+        write_configs(runs)
+        jobs = submit_array([(run, TrainJob(str(run.config_file))) for run in runs], cluster, JOBS_FILE)
     return wait_for(jobs, runs) if wait else 0
 
 

@@ -300,7 +300,10 @@ def _read_checkpoint(path: Path, expected_sha256: str | None) -> tuple[dict[str,
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read feature extractor weights '{path}': {exc}") from None
+        # torch's own text is several lines (and suggests weights_only=False, unsafe for foreign files)
+        raise CheckpointError(f"cannot read feature extractor weights '{path}' ({exc.__class__.__name__}): it is not "
+                              "a PyTorch checkpoint, or a truncated or damaged one; give a MedicalNet .pth file "
+                              "(e.g. resnet_10.pth)") from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

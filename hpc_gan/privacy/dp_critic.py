@@ -114,7 +114,7 @@ def make_private_critic(critic: torch.nn.Module, optimizer: torch.optim.Optimize
     if not max_grad_norm > 0:
         raise ConfigError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}")
     if not 0 < sample_rate <= 1:
-        raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {sample_rate:g}: lower "
+        raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {float(sample_rate)!r}: lower "
                           "train.batch_size or the number of ranks, or add training patches")
     errors = ModuleValidator.validate(critic, strict=False)
     if errors:

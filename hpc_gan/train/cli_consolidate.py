@@ -19,8 +19,11 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from hpc_gan.io import check_output_path
     from hpc_gan.train.consolidate import consolidate, load_generator
 
+    if args.out:
+        check_output_path(args.out, "--out", kind="file")  # a directory, under a file, not writable: one line
     path = consolidate(args.run_dir, args.tag, args.out, best=args.best)
     _, meta = load_generator(path)
     ema = meta["ema"]
