@@ -118,7 +118,7 @@ def launch(nproc: int, args: argparse.Namespace, data_root: Path, run_root: Path
 
 def model_parameters(variant: str, profile: str) -> dict:
     from hpc_gan.config import load_config
-    from hpc_gan.plan import count_model_parameters
+    from hpc_gan.train.plan import count_model_parameters
 
     generator, critic = count_model_parameters(load_config(variant, profile).model)
     return {"generator": generator, "critic": critic}

@@ -15,20 +15,20 @@ from hpc_gan.errors import HpcGanError, print_error
 
 # name -> (module, help). Command modules keep heavy imports (torch, deepspeed) inside run().
 COMMANDS = {
-    "config": ("hpc_gan.config_cli", "print a resolved run configuration or explain every key"),
+    "config": ("hpc_gan.cli_config", "print a resolved run configuration or explain every key"),
     "make-phantoms": ("hpc_gan.data.cli_phantoms", "write seeded phantom TOF-MRA volumes as NIfTI"),
     "pack": ("hpc_gan.data.cli_pack", "pack NIfTI volumes into sharded HDF5 patches"),
     "inspect": ("hpc_gan.data.cli_inspect", "summarise a packed dataset and verify its shards"),
-    "submit": ("hpc_gan.launch.submit", "submit training jobs (one SLURM array task per variant, or local)"),
+    "submit": ("hpc_gan.launch.cli_submit", "submit training jobs (one SLURM array task per variant, or local)"),
     "evaluate": ("hpc_gan.eval.cli_evaluate", "FID, PRD, precision/recall and label realism of generated patches"),
-    "compare": ("hpc_gan.eval.compare", "several evaluation reports in one table and one PRD plot"),
+    "compare": ("hpc_gan.eval.cli_compare", "several evaluation reports in one table and one PRD plot"),
     "tstr": ("hpc_gan.eval.cli_tstr", "train a 3D U-Net per source (real / synthetic / both), test on real: DSC, bAVD"),
     "consolidate": ("hpc_gan.train.cli_consolidate", "gather a checkpoint's ZeRO shards into one generator file"),
     "checkpoints": ("hpc_gan.train.cli_checkpoints", "a run's checkpoints: tags, steps, world size, sizes, integrity"),
-    "status": ("hpc_gan.launch.status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
-    "pull": ("hpc_gan.launch.pull", "copy a run's consolidated generator here, consolidating it first if needed"),
-    "sample": ("hpc_gan.sample_cli", "generate patches from a consolidated generator"),
-    "plan": ("hpc_gan.plan", "per-rank memory estimate and the largest batch that fits"),
+    "status": ("hpc_gan.launch.cli_status", "one row per variant: job state, step, losses, ETA, checkpoint, error"),
+    "pull": ("hpc_gan.launch.cli_pull", "copy a run's consolidated generator here, consolidating it first if needed"),
+    "sample": ("hpc_gan.cli_sample", "generate patches from a consolidated generator"),
+    "plan": ("hpc_gan.train.cli_plan", "per-rank memory estimate and the largest batch that fits"),
     "weights": ("hpc_gan.models.cli_weights", "fetch pinned MedicalNet weights into the Hugging Face cache, or list them"),
 }
 EXIT_USER_ERROR = 2

@@ -109,7 +109,8 @@ def test_resume_with_another_number_of_ranks_says_it_converts(base, tmp_path):
     import argparse
     import shutil
 
-    from hpc_gan.launch.submit import add_arguments, check_run_dirs, plan_runs
+    from hpc_gan.launch.cli_submit import add_arguments
+    from hpc_gan.launch.submit import check_run_dirs, plan_runs
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

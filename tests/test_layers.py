@@ -12,8 +12,8 @@ import pytest
 pytestmark = pytest.mark.unit
 PACKAGE = Path(__file__).resolve().parent.parent / "hpc_gan"
 # lowest first; a package may import its own layer and those before it
-LAYERS = [{"errors", "io", "cli_types", "dist", "peers", "config", "config_cli", "plots"}, {"data", "models"}, {"privacy"},
-          {"sample"}, {"eval"}, {"train", "plan"}, {"launch", "demo", "cli", "sample_cli", "__main__"}]
+LAYERS = [{"errors", "io", "cli_types", "dist", "peers", "config", "cli_config", "plots"}, {"data", "models"}, {"privacy"},
+          {"sample"}, {"eval"}, {"train"}, {"launch", "demo", "cli", "cli_sample", "__main__"}]
 
 
 def _layer(name: str) -> int:

@@ -1,4 +1,4 @@
-"""hpc_gan.plan: exact parameter counts, ZeRO arithmetic, the activation model against a measured
+"""hpc_gan.train.plan: exact parameter counts, ZeRO arithmetic, the activation model against a measured
 CPU iteration, the largest batch, the stage recommendation, the submit warning and the command."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error
-from hpc_gan import plan
+from hpc_gan.train import plan
 from hpc_gan.cli import main
 from hpc_gan.config import load_config
 from hpc_gan.errors import ConfigError

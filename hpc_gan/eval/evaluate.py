@@ -190,7 +190,7 @@ def evaluate(samples: str, real: str, out: str, *, real_split: str = "train", he
     report["nearest_neighbours"] = nn_figures(real_f, gen_f, held[0] if held else None)
     report["diversity_ms_ssim"] = diversity(sets.generated, seed)
     from hpc_gan.io import staged_directory, write_error
-    from hpc_gan.privacy.audit import closest_pairs_png
+    from hpc_gan.eval.memorisation import closest_pairs_png
 
     try:
         with staged_directory(out, owned=lambda name: name in REPORT_FILES, last=("report.json",)) as stage:
@@ -233,7 +233,7 @@ def privacy_of(generated: Subset) -> dict | None:
 
 def audit(sets: EvalSets, gen_f, real_f, held, rank: int, world_size: int) -> dict:
     """Memorisation audit against the evaluated training patches, in voxel and feature space."""
-    from hpc_gan.privacy.audit import memorisation_audit_distributed
+    from hpc_gan.eval.memorisation import memorisation_audit_distributed
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return memorisation_audit_distributed(sets.generated, sets.real, sets.heldout, gen_f, real_f,

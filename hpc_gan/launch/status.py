@@ -42,7 +42,6 @@ Lines are returned stripped of surrounding white space.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -55,7 +54,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
-from hpc_gan.cli_types import positive_int
 from hpc_gan.dist import process_alive
 from hpc_gan.errors import LaunchError
 from hpc_gan.launch.submit import JOBS_FILE
@@ -562,20 +560,3 @@ def watch(target: str | Path, interval: float, as_json: bool = False, runner: Ru
             sleep(interval)
     except KeyboardInterrupt:
         return 0
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help=f"experiment directory (holding {JOBS_FILE}) or one run directory")
-    parser.add_argument("--watch", nargs="?", type=positive_int, const=DEFAULT_WATCH_S, metavar="SECONDS",
-                        help=f"redraw every SECONDS (default {DEFAULT_WATCH_S}) until all jobs have finished")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.watch:
-        return watch(args.target, args.watch, args.json)
-    show(collect(args.target), args.json, sys.stdout)
-    return 0

@@ -9,7 +9,7 @@ manifest, fp16 without GPUs, the run directories (a run directory that already h
 checkpoints is refused unless ``--resume`` or ``--overwrite``). The experiment directory
 ``<output_root>/<name>/`` gets one run directory per variant (with its resolved config.yaml),
 the submitit logs under ``logs/`` and ``jobs.json`` (job ids, log paths) that
-``launch/status.py`` reads.
+``launch/status.py`` reads. The command line is :mod:`hpc_gan.launch.cli_submit`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_gan import config as config_mod
-from hpc_gan.cli_types import positive_int
 from hpc_gan.data.manifest import load_manifest
 from hpc_gan.errors import LaunchError
 from hpc_gan.io import check_output_path, set_aside, write_text_atomic
 from hpc_gan.launch.slurm_params import slurm_parameters
-from hpc_gan.plan import DEFAULT_GPU_MEMORY_GB, fit_warnings, positive_float
 from hpc_gan.train import checkpoint as ckpt
 
 JOBS_FILE = "jobs.json"
@@ -41,56 +39,6 @@ class PlannedRun:
     variant: str
     cfg: config_mod.RunConfig
     config_file: Path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", required=True, help="one variant, several comma-separated, or 'all'")
-    parser.add_argument("--nodes", type=positive_int, help="nodes per job")
-    parser.add_argument("--gpus-per-node", type=positive_int, help="GPUs per node (one rank per GPU)")
-    parser.add_argument("--tasks-per-node", type=positive_int, help="ranks per node on CPU clusters")
-    parser.add_argument("--time", type=positive_int, help="time limit per job in minutes (requeued when it expires)")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
-    parser.add_argument("--mem", type=positive_int, help="memory per node in GB")
-    parser.add_argument("--profile", help="profile applied on top of each variant, e.g. smoke")
-    parser.add_argument("--cluster-config", help="cluster settings file (configs/clusters)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--name", help="experiment name (default: the config's name)")
-    parser.add_argument("--cluster", choices=("slurm", "local", "auto"), default="auto",
-                        help="slurm, local (this machine, submitit's local executor), auto: slurm when sbatch exists")
-    parser.add_argument("--resume", action="store_true", help="continue runs that already hold checkpoints")
-    parser.add_argument("--overwrite", action="store_true", help="delete existing run directories first")
-    parser.add_argument("--dry-run", action="store_true", help="print configs and the sbatch script, submit nothing")
-    parser.add_argument("--wait", action="store_true", help="wait until every job has finished")
-    parser.add_argument("--job", choices=("train", "evaluate", "tstr"), default="train",
-                        help="train (default); evaluate: sample each trained run and evaluate the samples; "
-                             "tstr: the downstream U-Net test of each trained run (plus real, see --tstr-real)")
-    parser.add_argument("--images", help="--job tstr: NIfTI images of the real subjects")
-    parser.add_argument("--labels", help="--job tstr: their vessel labels")
-    parser.add_argument("--masks", help="--job tstr: their brain masks (intracranial setting)")
-    parser.add_argument("--tstr-real", action="store_true", help="--job tstr: also a U-Net trained on real patches")
-    parser.add_argument("--tstr-steps", type=positive_int, default=2000, help="--job tstr: maximum U-Net steps")
-    parser.add_argument("--n-samples", type=positive_int, default=256, help="--job evaluate: samples per variant")
-    parser.add_argument("--gpu-memory-gb", type=positive_float, default=DEFAULT_GPU_MEMORY_GB,
-                        help="GiB per GPU for the memory estimate (train jobs warn when a run will not fit)")
-
-
-def run(args: argparse.Namespace) -> int:
-    cluster = resolve_cluster(args.cluster)
-    runs = plan_runs(args, cluster)
-    if args.dry_run:
-        print_dry_run(runs, cluster)
-        return 0
-    if args.job == "evaluate":
-        return submit_evaluation(runs, cluster, args.wait, args.n_samples)
-    if args.job == "tstr":
-        return submit_tstr(runs, cluster, args)
-    for note in check_run_dirs(runs, args.resume, args.overwrite):
-        print(note)
-    for line in fit_warnings(runs, args.gpu_memory_gb):  # warn only: the estimate is an estimate
-        print(line, file=sys.stderr)
-    return submit(runs, cluster, args.wait, args.overwrite)
 
 
 def resolve_cluster(choice: str) -> str:

@@ -1,9 +1,9 @@
-"""Differential privacy for the critic (paper appendix B): accounting, DP-SGD training, audit.
+"""Differential privacy for the critic (paper appendix B): accounting and DP-SGD training.
 
 ``accounting`` (epsilon, sigma for a target epsilon) needs only Opacus' accountant;
-``dp_critic`` holds the DP-SGD critic step (Opacus imported lazily); ``audit`` is the
-memorisation audit of every evaluation report. The dp variant's trainer that drives them lives
-with the other trainer in :mod:`hpc_gan.train.dp_trainer` (privacy/ imports nothing from
+``dp_critic`` holds the DP-SGD critic step (Opacus imported lazily). The memorisation audit of
+every evaluation report is an evaluation metric: :mod:`hpc_gan.eval.memorisation`. The dp
+variant's trainer that drives them lives with the other trainer in :mod:`hpc_gan.train.dp_trainer` (privacy/ imports nothing from
 train/). docs/PRIVACY.md explains the whole route.
 """
 

@@ -21,7 +21,7 @@ import os
 import sys
 
 from hpc_gan.cli_types import positive_int
-from hpc_gan.config_cli import add_config_arguments, load_from_args
+from hpc_gan.cli_config import add_config_arguments, load_from_args
 from hpc_gan.errors import HpcGanError, print_error
 
 EXIT_REQUEUE = 3  # checkpointed after a stop signal: the launcher requeues the job

@@ -9,9 +9,11 @@ import yaml
 from hpc_gan import config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, variant_required: bool = True) -> None:
-    """The options every command that composes a run config shares."""
-    parser.add_argument("--variant", required=variant_required, help="variant name (configs/variants)")
+def add_config_arguments(parser: argparse.ArgumentParser, variant_required: bool = True,
+                         variant_help: str = "variant name (configs/variants)") -> None:
+    """The options every command that composes a run config shares: ``--variant``, ``--profile``,
+    ``--cluster-config`` and repeatable ``--set KEY=VALUE`` (into ``args.overrides``)."""
+    parser.add_argument("--variant", required=variant_required, help=variant_help)
     parser.add_argument("--profile", help="profile applied on top, e.g. smoke (configs/profiles)")
     parser.add_argument("--cluster-config", dest="cluster_config", help="cluster settings (configs/clusters)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

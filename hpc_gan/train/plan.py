@@ -66,18 +66,13 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
-from hpc_gan.cli_types import positive_int
 from hpc_gan.config import ModelConfig, RunConfig
-from hpc_gan.config_cli import add_config_arguments, load_from_args
 
 GIB = 2**30
 #: CUDA context, cuDNN/NCCL workspaces and allocator fragmentation, per rank.
@@ -92,17 +87,6 @@ MAX_BATCH = 1 << 20  # the binary search's ceiling
 _ADAM_STATE_BYTES = 8  # m and v, fp32
 _MASTER_BYTES = 4  # fp32 master weights under mixed precision
 _HALF = ("fp16", "bf16")
-
-
-def positive_float(text: str) -> float:
-    """'80' -> 80.0; zero, negatives and non-numbers are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
-    return value
 
 
 def plan_precision(cfg: RunConfig, cuda: bool) -> str:
@@ -587,23 +571,3 @@ def format_plan(plan: MemoryPlan) -> str:
            "none fits the configured batch (enable activation checkpointing or lower train.batch_size)"),
     ]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--nodes", type=positive_int, required=True, help="nodes per job")
-    parser.add_argument("--gpus-per-node", type=positive_int, required=True, help="GPUs (ranks) per node")
-    parser.add_argument("--gpu-memory-gb", type=positive_float, default=DEFAULT_GPU_MEMORY_GB,
-                        help=f"memory of one GPU in GiB (default {DEFAULT_GPU_MEMORY_GB:g})")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_from_args(args)
-    plan = plan_memory(cfg, args.nodes * args.gpus_per_node, args.gpu_memory_gb)
-    if args.json:
-        json.dump(plan.to_dict(), sys.stdout, indent=1)
-        print()
-    else:
-        print(format_plan(plan))
-    return 0

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_gan.privacy import audit
-from hpc_gan.privacy.audit import (closest_pairs_png, memorisation_audit, memorisation_audit_distributed,
+from hpc_gan.eval import memorisation as audit
+from hpc_gan.eval.memorisation import (closest_pairs_png, memorisation_audit, memorisation_audit_distributed,
                                    nearest_distances)
 
 pytestmark = pytest.mark.unit
