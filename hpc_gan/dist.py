@@ -428,6 +428,27 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
     peers.Roster.gather(env.rank)  # hosts and pids of every rank, to name one that dies (hpc_gan.peers)
 
 
+def join_process_group(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """This process's place in its job, joining the process group when the job has several ranks:
+    the one start of every distributed command and job that is not a trainer (``hpc_gan
+    evaluate``, ``hpc_gan tstr``, the submitted evaluation and downstream-test jobs).
+
+    Args:
+        environ: the launcher's environment (default ``os.environ``), read by :func:`detect`.
+
+    Returns:
+        The :class:`DistEnv` of this process; torch.distributed is initialised when its
+        ``world_size`` is above 1 (one process needs no group: collectives are skipped there).
+
+    Raises:
+        LaunchError: from :func:`detect`.
+    """
+    env = detect(environ)
+    if env.world_size > 1:
+        init_process_group(env)
+    return env
+
+
 def shutdown() -> None:
     """Leave the process group (destroy it) if this process joined one; every entry point that
     joins one calls this before it exits, on success and on error.

@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from hpc_gan.eval.evaluate import check_report_dir
 
     check_report_dir(args.out, args.overwrite)  # before starting a process group: a plain one-line exit
-    env = dist.detect()
-    if env.world_size > 1:
-        dist.init_process_group(env)
+    env = dist.join_process_group()
     report = evaluate(args.samples, args.real, args.out, real_split=args.real_split, heldout_split=args.heldout_split,
                       n=args.n, seed=args.seed, extractor_name=extractor_for(args.extractor, args.weights), weights=args.weights,
                       weights_sha256=args.weights_sha256, channel=0 if args.channel == "image" else 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hpc_gan.cli_types import add_data_cache_arguments, non_negative_int, positive_int
+from hpc_gan.cli_types import add_data_cache_arguments, data_cache_settings, non_negative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from hpc_gan.io import check_output_path
 
     check_output_path(args.out, "--out")  # before any training
-    env = dist.detect()
-    if env.world_size > 1:
-        dist.init_process_group(env)
-    from hpc_gan.eval.tstr import run_tstr
+    env = dist.join_process_group()
+    from hpc_gan.eval.tstr import TstrConfig, run_tstr
 
-    rows = run_tstr(args, env.rank, env.world_size)
+    settings = TstrConfig(args.real, args.images, args.labels, args.source, args.out, masks=args.masks,
+                          steps=args.steps, val_every=args.val_every, patience=args.patience, batch=args.batch,
+                          lr=args.lr, channels=args.channels, seed=args.seed, data_cache=data_cache_settings(args))
+    rows = run_tstr(settings, env.rank, env.world_size)
     if env.rank == 0:
         from hpc_gan.eval.segmentation import summary_table
 

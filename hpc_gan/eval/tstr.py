@@ -23,11 +23,10 @@ source's U-Net trains data-parallel (DDP) and rank 0 tests it.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -35,10 +34,45 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
+from hpc_gan.data.cache import CacheSettings
 from hpc_gan.errors import DataError
 from hpc_gan.eval.evaluate import finite_or_none
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TstrConfig:
+    """One downstream test: what ``hpc_gan tstr`` is given (its options, same names and defaults).
+
+    Args:
+        real: packed real data (train / val / test splits).
+        images, labels: NIfTI directories of the real subjects (their test split is scored).
+        source: one U-Net per entry, ``real`` | ``NAME=SAMPLE_DIR`` | ``NAME=GENERATOR.pt`` |
+            ``NAME+real=...`` (:func:`parse_source`).
+        out: output directory.
+        masks: brain masks (the intracranial setting), or None.
+        steps: maximum U-Net steps per source; val_every: steps between validations;
+            patience: validations without improvement before stopping early.
+        batch: patches per step (per rank); lr: Adam learning rate; channels: U-Net widths.
+        seed: U-Net initialisation, data order and sampling of generator sources.
+        data_cache: how the real splits are cached (the ``data.cache*`` fields).
+    """
+
+    real: str
+    images: str
+    labels: str
+    source: list[str]
+    out: str
+    masks: str | None = None
+    steps: int = 2000
+    val_every: int = 100
+    patience: int = 5
+    batch: int = 4
+    lr: float = 1e-4
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    seed: int = 0
+    data_cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 @dataclass
@@ -129,7 +163,7 @@ def soft_dice_steps(net: torch.nn.Module, dataset, steps: int, *, batch: int, lr
         yield step, loss.detach()
 
 
-def train_unet(dataset, val_set, args, rank: int, world: int):
+def train_unet(dataset, val_set, args: TstrConfig, rank: int, world: int):
     """Data-parallel U-Net training with early stopping; returns the best model (all ranks)."""
     from hpc_gan.models.unet import UNet3d
 
@@ -204,14 +238,26 @@ def test_model(model, subjects, patch_shape, source: str, out: Path, batch: int)
     return rows
 
 
-def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[dict]:
-    from hpc_gan.cli_types import data_cache_settings
+def run_tstr(args: TstrConfig, rank: int = 0, world: int = 1) -> list[dict]:
+    """Train one U-Net per source and score each on the real test subjects (all ranks call it;
+    rank 0 writes the outputs listed in the module docstring).
+
+    Args:
+        args: the test's settings.
+        rank, world: this process's rank and the number of ranks (data-parallel U-Net training).
+
+    Returns:
+        Per-subject score rows on rank 0 (empty on the others).
+
+    Raises:
+        DataError: a bad ``--source``, no test split, or test subjects without NIfTI files.
+    """
     from hpc_gan.data.cache import open_dataset
     from hpc_gan.eval.segmentation import box_plots_png, summary_table, write_csv
     from hpc_gan.io import torch_save_atomic, write_text_atomic
 
     out = Path(args.out)
-    data_cache = data_cache_settings(args)
+    data_cache = args.data_cache
     sources = [parse_source(text) for text in args.source]
     subjects = test_subjects(args.real, args.images, args.labels, args.masks)
     val_set = open_dataset(args.real, "val", "size", data_cache)
@@ -233,7 +279,7 @@ def run_tstr(args: argparse.Namespace, rank: int = 0, world: int = 1) -> list[di
         write_csv(rows, out / "scores.csv")
         write_text_atomic(out / "table.md", summary_table(rows))
         box_plots_png(by_source(rows), out / "boxplots.png")
-        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
+        settings = dataclasses.asdict(args)
         record = {"sources": [vars(s) for s in sources], "rows": rows, "settings": settings}
         write_text_atomic(out / "tstr.json", json.dumps(finite_or_none(record), indent=1))  # inf bAVD -> null
     return rows

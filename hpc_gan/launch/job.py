@@ -31,13 +31,10 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict:
-        import submitit
-
         from hpc_gan.train.__main__ import EXIT_REQUEUE
         from hpc_gan.train.__main__ import main as train_main
 
-        if "SLURM_PROCID" not in os.environ:  # local executor: no SLURM variables to read ranks from
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        _export_local_ranks()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         code = train_main(["--config", self.config])
         if code == EXIT_REQUEUE:
@@ -101,18 +98,22 @@ class EvalJob:
         return {"report": str(cfg.run_dir / "eval" / "report.json")}
 
 
-def _join_job(config: str):
-    """This task's rank in its job's process group, and the trained run's resolved config."""
+def _export_local_ranks() -> None:
+    """Under submitit's local executor there are no SLURM variables to read ranks from: export
+    torchrun's (RANK, WORLD_SIZE, MASTER_ADDR, ...) from submitit's environment instead."""
     import submitit
 
+    if "SLURM_PROCID" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _join_job(config: str):
+    """This task's rank in its job's process group, and the trained run's resolved config."""
     from hpc_gan import dist
     from hpc_gan.config import load_resolved
 
-    if "SLURM_PROCID" not in os.environ:  # local executor: no SLURM variables to read ranks from
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    env = dist.detect()
-    dist.init_process_group(env)
-    return env, load_resolved(config)
+    _export_local_ranks()
+    return dist.join_process_group(), load_resolved(config)
 
 
 def newest_consolidated(run_dir):
@@ -136,16 +137,13 @@ class TstrJob:
         self.config, self.source, self.out, self.nifti, self.steps, self.seed = config, source, out, nifti, steps, seed
 
     def __call__(self) -> dict:
-        import argparse
-
-        from hpc_gan.eval.tstr import run_tstr
+        from hpc_gan.data.cache import CacheSettings
+        from hpc_gan.eval.tstr import TstrConfig, run_tstr
 
         env, cfg = _join_job(self.config)
         source = "real" if self.source == "real" else f"{cfg.variant}={newest_consolidated(cfg.run_dir)}"
-        args = argparse.Namespace(real=cfg.data.root, source=[source], out=self.out, steps=self.steps, val_every=100,
-                                  patience=5, batch=cfg.train.batch_size, lr=1e-4, channels=[32, 64, 128, 256],
-                                  seed=self.seed, data_cache=cfg.data.cache, data_cache_dir=cfg.data.cache_dir,
-                                  data_cache_dtype=cfg.data.cache_image_dtype, keep_data_cache=cfg.data.cache_keep,
-                                  **self.nifti)
-        run_tstr(args, env.rank, env.world_size)
+        settings = TstrConfig(cfg.data.root, self.nifti["images"], self.nifti["labels"], [source], self.out,
+                              masks=self.nifti["masks"], steps=self.steps, batch=cfg.train.batch_size, seed=self.seed,
+                              data_cache=CacheSettings.from_config(cfg.data))
+        run_tstr(settings, env.rank, env.world_size)
         return {"scores": os.path.join(self.out, "scores.csv")}

@@ -20,15 +20,17 @@ import logging
 import os
 import sys
 
-from hpc_gan.cli_types import positive_int
+from hpc_gan.cli import OneLineParser
 from hpc_gan.cli_config import add_config_arguments, load_from_args
+from hpc_gan.cli_types import positive_int
 from hpc_gan.errors import HpcGanError, print_error
 
 EXIT_REQUEUE = 3  # checkpointed after a stop signal: the launcher requeues the job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hpc_gan.train", description=__doc__.splitlines()[0])
+    """The options; a usage error is one line and exit status 2, as with ``hpc_gan`` commands."""
+    parser = OneLineParser(prog="python -m hpc_gan.train", description=__doc__.splitlines()[0])
     add_config_arguments(parser, variant_required=False)
     parser.add_argument("--config", help="a resolved config.yaml (instead of --variant/--profile/--set)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
