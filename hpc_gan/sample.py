@@ -36,7 +36,6 @@ trained ones. ``samples.json`` (and an HDF5 output's manifest) record which were
 
 from __future__ import annotations
 
-import datetime
 import fnmatch
 import json
 import logging
@@ -48,11 +47,11 @@ import numpy as np
 import torch
 
 import hpc_gan
-from hpc_gan.data.manifest import MANIFEST, load_manifest, write_manifest
+from hpc_gan.data.manifest import MANIFEST, build_manifest, load_manifest, utc_timestamp, write_manifest
 from hpc_gan.data.nifti import save_nifti
 from hpc_gan.io import check_output_path, file_sha256, staged_directory, write_error, write_json_atomic
 from hpc_gan.data.phantom import mip
-from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
+from hpc_gan.data.shards import compression_options, write_shard
 from hpc_gan.plots import new_figure, save_png
 from hpc_gan.errors import DataError, HpcGanError
 from hpc_gan.models import Generator
@@ -308,26 +307,12 @@ def write_hdf5(batches: Iterable[torch.Tensor], out_dir: str | os.PathLike, spac
 
 def _manifest(shards: list[dict], patch_shape, spacing, threshold: float, sampling: dict, compression: str) -> dict:
     n = sum(s["n"] for s in shards)
-    return {
-        "format": "hpc_gan.shards",
-        "format_version": FORMAT_VERSION,
-        "tool_version": hpc_gan.__version__,
-        "created": _now(),
-        "patch_shape": patch_shape,
-        "channels": ["image", "label"],
-        "has_mask": False,
-        "spacing": [round(float(s), 6) for s in spacing],
-        "normalisation": {"image": "generator output (tanh)", "range": [-1.0, 1.0],
-                          "label": f"generated label (x + 1) / 2 > {threshold}, exact {{0,1}}"},
-        "sampling": sampling,
-        "compression": compression,
-        "splits": {"train": {"subjects": [GENERATED_SUBJECT], "n_patches": n, "shards": shards}},
-        "sources": {},
-    }
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return build_manifest(
+        patch_shape=patch_shape, spacing=spacing, has_mask=False,
+        normalisation={"image": "generator output (tanh)", "range": [-1.0, 1.0],
+                       "label": f"generated label (x + 1) / 2 > {threshold}, exact {{0,1}}"},
+        sampling=sampling, compression=compression,
+        splits={"train": {"subjects": [GENERATED_SUBJECT], "n_patches": n, "shards": shards}}, sources={})
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +488,7 @@ def sample_to_disk(generator_path: str | os.PathLike, n: int, out: str | os.Path
               "threshold": threshold, "threshold_source": threshold_source, "format": fmt,
               "spacing": [float(s) for s in voxel], "spacing_source": spacing_info,
               "image_range": [-1.0, 1.0], "privacy": meta.get("privacy"), "tool_version": hpc_gan.__version__,
-              "created": _now()}
+              "created": utc_timestamp()}
     batches = tqdm(generate(generator, n, seed, batch, device), total=-(-n // batch), unit="batch",
                    desc="sampling", disable=not progress)
     keep = _KeepForPictures(batches)

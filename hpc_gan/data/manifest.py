@@ -9,6 +9,7 @@ No NIfTI header field is copied into it.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -16,7 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_gan.data.shards import READABLE_VERSIONS, open_shard
+import hpc_gan
+from hpc_gan.data.shards import FORMAT_VERSION, READABLE_VERSIONS, open_shard
 from hpc_gan.io import file_sha256, write_text_atomic
 from hpc_gan.errors import DataError
 
@@ -63,6 +65,45 @@ class Manifest:
 
     def count(self, split: str) -> int:
         return sum(s.n for s in self.shards(split))
+
+
+CHANNELS = ["image", "label"]
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC, to the second (ISO 8601): the ``created`` field of what the tool writes."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_manifest(*, patch_shape, spacing, has_mask: bool, normalisation: dict, sampling: dict, compression: str,
+                   splits: dict, sources: dict, orientation: str | None = None) -> dict:
+    """The manifest of a shard directory, for packed real patches (``hpc_gan pack``) and generated
+    ones (``hpc_gan sample --format hdf5``) alike: format, versions and creation time filled in.
+
+    Args:
+        patch_shape: (X, Y, Z) voxels of every patch.
+        spacing: (sx, sy, sz) voxel size in mm (stored rounded to 6 decimals).
+        has_mask: whether the shards carry brain masks.
+        normalisation: how image and label values were made.
+        sampling: how the patches were chosen (a :class:`~hpc_gan.data.patches.SamplingPlan`'s
+            dict, or the generator's provenance).
+        compression: the shards' HDF5 compression.
+        splits: ``{split: {"subjects": [...], "n_patches": n, "shards": [...]}}``.
+        sources: per source volume: shape, spacing, hashes ({} for generated patches).
+        orientation: the patches' axis codes (e.g. ``RAS``) when they come from oriented volumes;
+            omitted otherwise.
+
+    Returns:
+        The dict :func:`write_manifest` writes (key order as in the file).
+    """
+    data = {"format": "hpc_gan.shards", "format_version": FORMAT_VERSION, "tool_version": hpc_gan.__version__,
+            "created": utc_timestamp(), "patch_shape": list(patch_shape), "channels": list(CHANNELS),
+            "has_mask": has_mask, "spacing": [round(float(s), 6) for s in spacing]}
+    if orientation is not None:
+        data["orientation"] = orientation
+    data.update({"normalisation": normalisation, "sampling": sampling, "compression": compression, "splits": splits,
+                 "sources": sources})
+    return data
 
 
 def write_manifest(root: str | os.PathLike, data: dict) -> Path:

@@ -16,7 +16,6 @@ it exactly as it was. Every volume is reoriented to RAS+ and its spacing taken f
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -28,12 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import hpc_gan
 from hpc_gan.data import manifest as mf
 from hpc_gan.data.nifti import CANONICAL, check_same_grid, list_nifti, load_volume
 from hpc_gan.io import check_output_path, file_sha256, staged_directory, write_error
 from hpc_gan.data.patches import SamplingPlan, extract, minmax_normalise, plan_origins
-from hpc_gan.data.shards import FORMAT_VERSION, compression_options, write_shard
+from hpc_gan.data.shards import compression_options, write_shard
 from hpc_gan.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -282,25 +280,15 @@ def _manifest(planned: list[_Planned], splits, jobs, written, plan: SamplingPlan
         shards = [written[job[0].name] for job in jobs if job[1] == split]
         split_entries[split] = {"subjects": splits.get(split, []), "n_patches": sum(s["n"] for s in shards),
                                 "shards": shards}
-    return {
-        "format": "hpc_gan.shards",
-        "format_version": FORMAT_VERSION,
-        "tool_version": hpc_gan.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "patch_shape": list(plan.patch_shape),
-        "channels": ["image", "label"],
-        "has_mask": any(p.subject.mask is not None for p in planned),
-        "spacing": [round(float(s), 6) for s in spacing],
-        "orientation": CANONICAL,
-        "normalisation": {"image": "minmax per patch", "range": [-1.0, 1.0], "label": "exact {0,1}"},
-        "sampling": plan.to_dict(),
-        "compression": compression,
-        "splits": split_entries,
-        "sources": {p.subject.id: {"shape": list(p.shape), "spacing": [round(float(s), 6) for s in p.spacing],
-                                   "orientation": p.orientation,
-                                   "n_patches": int(len(p.origins)), "vessel_fraction": round(p.vessel_fraction, 6),
-                                   **p.hashes} for p in planned},
-    }
+    return mf.build_manifest(
+        patch_shape=plan.patch_shape, spacing=spacing, has_mask=any(p.subject.mask is not None for p in planned),
+        orientation=CANONICAL,
+        normalisation={"image": "minmax per patch", "range": [-1.0, 1.0], "label": "exact {0,1}"},
+        sampling=plan.to_dict(), compression=compression, splits=split_entries,
+        sources={p.subject.id: {"shape": list(p.shape), "spacing": [round(float(s), 6) for s in p.spacing],
+                                "orientation": p.orientation,
+                                "n_patches": int(len(p.origins)), "vessel_fraction": round(p.vessel_fraction, 6),
+                                **p.hashes} for p in planned})
 
 
 def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:
