@@ -294,6 +294,32 @@ class RunConfig:
         return Path(self.output_root) / self.name / (self.variant or "custom")
 
 
+def resolve_precision(train: TrainConfig, cuda: bool, *, refuse_fp16: bool = True, gpus: str = "CUDA GPUs",
+                      fix: str = "use bf16 or fp32 on CPU") -> str:
+    """The precision a run trains in: the one resolver of ``train.precision`` (trainer, DeepSpeed
+    configs, memory plan, submission checks).
+
+    Args:
+        train: the ``train`` section; ``train.precision`` is auto, fp16, bf16 or fp32.
+        cuda: whether the ranks run on CUDA GPUs.
+        refuse_fp16: refuse fp16 without CUDA (False: a memory plan describes a GPU job wherever
+            it is computed).
+        gpus, fix: the refusal's words for what is missing and how to fix it.
+
+    Returns:
+        ``"fp16"``, ``"bf16"`` or ``"fp32"``; ``auto`` is fp16 on CUDA (the paper's mixed
+        precision) and bf16 on CPU.
+
+    Raises:
+        ConfigError: fp16 without CUDA (DeepSpeed refuses it), unless ``refuse_fp16`` is False.
+    """
+    if train.precision == "auto":
+        return "fp16" if cuda else "bf16"
+    if refuse_fp16 and train.precision == "fp16" and not cuda:
+        raise ConfigError(f"train.precision=fp16 needs {gpus} (DeepSpeed refuses fp16 on CPU); {fix}")
+    return train.precision
+
+
 # --------------------------------------------------------------------------------------------
 # Locating and composing files
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hpc_gan.config import load_config
+from hpc_gan.config import load_config, resolve_precision
 from hpc_gan.errors import ConfigError
-from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
+from hpc_gan.train.ds_config import critic_config, generator_config
 
 pytestmark = pytest.mark.unit
 

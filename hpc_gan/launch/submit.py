@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hpc_gan import config as config_mod
 from hpc_gan.data.manifest import load_manifest
-from hpc_gan.errors import LaunchError
+from hpc_gan.errors import HpcGanError, LaunchError
 from hpc_gan.io import check_output_path, set_aside, write_text_atomic
 from hpc_gan.launch.slurm_params import slurm_parameters
 from hpc_gan.train import checkpoint as ckpt
@@ -86,9 +86,12 @@ def plan_runs(args: argparse.Namespace, cluster: str) -> list[PlannedRun]:
 
 
 def check_precision(cfg: config_mod.RunConfig, cluster: str) -> None:
-    if cfg.train.precision == "fp16" and cfg.cluster.gpus_per_node == 0:
-        raise LaunchError(f"variant {cfg.variant}: train.precision=fp16 needs GPUs (DeepSpeed refuses fp16 on CPU); "
-                          "add --gpus-per-node N or use --set train.precision=bf16")
+    """Refuse a job whose precision its nodes cannot run (fp16 without GPUs), before submitting it."""
+    try:
+        config_mod.resolve_precision(cfg.train, cfg.cluster.gpus_per_node > 0, gpus="GPUs",
+                                     fix="add --gpus-per-node N or use --set train.precision=bf16")
+    except HpcGanError as exc:
+        raise LaunchError(f"variant {cfg.variant}: {exc}") from None
 
 
 def check_run_dirs(runs: list[PlannedRun], resume: bool, overwrite: bool) -> list[str]:

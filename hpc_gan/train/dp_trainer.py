@@ -105,10 +105,9 @@ class DPTrainer(TrainingLoop):
     """Trains the dp variant (``privacy.enabled``); ``fit()`` returns the last metrics record (rank 0)."""
 
     label = " (DP-SGD critic, Opacus, no DeepSpeed)"
+    dp_sgd = True
 
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
-        if not cfg.privacy.enabled:
-            raise ConfigError("DPTrainer trains runs with privacy.enabled=true (variant dp); use the Trainer")
         cfg.validate()
         super().__init__(cfg, env, run_dir)
         t, p = cfg.train, cfg.privacy

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from hpc_gan.config import RunConfig, TrainConfig
+from hpc_gan.config import RunConfig, TrainConfig, resolve_precision
 from hpc_gan.errors import ConfigError
 
 Engine = Literal["generator", "critic"]
@@ -32,29 +32,6 @@ STEPS_PER_PRINT = 1_000_000_000
 LOSS_SCALE_WINDOW = 1000
 LOSS_SCALE_HYSTERESIS = 2
 MIN_LOSS_SCALE = 1
-
-
-def resolve_precision(train: TrainConfig, cuda: bool) -> str:
-    """The precision a run trains in on this machine.
-
-    Args:
-        train: the ``train`` section; ``train.precision`` is auto, fp16, bf16 or fp32.
-        cuda: whether the ranks run on CUDA GPUs.
-
-    Returns:
-        ``"fp16"``, ``"bf16"`` or ``"fp32"``; ``auto`` is fp16 on CUDA (the paper's mixed
-        precision) and bf16 on CPU.
-
-    Raises:
-        ConfigError: fp16 without CUDA.
-    """
-    if train.precision == "auto":
-        return "fp16" if cuda else "bf16"
-    if train.precision == "fp16" and not cuda:
-        raise ConfigError(
-            "train.precision=fp16 needs CUDA GPUs (DeepSpeed refuses fp16 on CPU); use bf16 or fp32 on CPU"
-        )
-    return train.precision
 
 
 def generator_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict:

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
-from hpc_gan.config import ModelConfig, RunConfig
+from hpc_gan.config import ModelConfig, RunConfig, resolve_precision
 
 GIB = 2**30
 #: CUDA context, cuDNN/NCCL workspaces and allocator fragmentation, per rank.
@@ -90,12 +90,9 @@ _HALF = ("fp16", "bf16")
 
 
 def plan_precision(cfg: RunConfig, cuda: bool) -> str:
-    """fp16, bf16 or fp32. Like ``ds_config.resolve_precision`` but fp16 without GPUs is allowed:
+    """fp16, bf16 or fp32 (:func:`hpc_gan.config.resolve_precision`), fp16 without GPUs allowed:
     a plan describes the GPU job, not this machine."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        return "fp16" if cuda else "bf16"
-    return precision
+    return resolve_precision(cfg.train, cuda, refuse_fp16=False)
 
 
 def element_bytes(precision: str) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_gan import dist as hdist
-from hpc_gan.config import RunConfig, save_config, to_dict
+from hpc_gan.config import RunConfig, resolve_precision, save_config, to_dict
 from hpc_gan.data.cache import CacheSettings, batch_to_device, open_cached_split
 from hpc_gan.data.dataset import PatchLoader, ShardedPatchDataset
 from hpc_gan.errors import CheckpointError, ConfigError, DataError, HpcGanError
@@ -34,13 +34,28 @@ from hpc_gan.train import ema as gen_ema
 from hpc_gan.train import guards
 from hpc_gan.train import stop as stop_request
 from hpc_gan.train.checkpointer import JSON, PER_RANK, SHARDED, SHARED, Checkpointer, EnginePart, ResumePoint, RNGPart
-from hpc_gan.train.ds_config import critic_config, generator_config, resolve_precision
+from hpc_gan.train.ds_config import critic_config, generator_config
 from hpc_gan.train.evaluation import TrainingEvaluation
 from hpc_gan.train.metrics import MetricsLogger, MetricsPosition
 from hpc_gan.train.steps import StepResult, loss_scale, to_model_range, train_iteration
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_trainer_route(cfg: RunConfig, dp_sgd: bool) -> None:
+    """The one refusal of a run given to the wrong trainer: ``privacy.enabled`` runs train with
+    DP-SGD (:class:`~hpc_gan.train.dp_trainer.DPTrainer`), all others with DeepSpeed.
+
+    Raises:
+        ConfigError: naming the trainer the run needs.
+    """
+    if cfg.privacy.enabled and not dp_sgd:
+        raise ConfigError("privacy.enabled (variant dp) is trained by hpc_gan.train.dp_trainer.DPTrainer, not by "
+                          "the DeepSpeed trainer (DeepSpeed computes no per-sample gradients); "
+                          "python -m hpc_gan.train picks it by itself")
+    if dp_sgd and not cfg.privacy.enabled:
+        raise ConfigError("DPTrainer trains runs with privacy.enabled=true (variant dp); use the Trainer")
 
 
 class TrainingLoop:
@@ -57,7 +72,11 @@ class TrainingLoop:
     parameters: dict  # {"generator": n, "critic": n}
     label = ""  # after the variant name in the start line
 
+    #: True for the trainer of ``privacy.enabled`` runs (DP-SGD, no DeepSpeed), False for the others.
+    dp_sgd = False
+
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
+        check_trainer_route(cfg, self.dp_sgd)
         self.cfg, self.env = cfg, env
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -364,10 +383,6 @@ class Trainer(TrainingLoop):
     """
 
     def __init__(self, cfg: RunConfig, env: hdist.DistEnv, run_dir: Path | None = None) -> None:
-        if cfg.privacy.enabled:
-            raise ConfigError("privacy.enabled (variant dp) is trained by hpc_gan.train.dp_trainer.DPTrainer, not by "
-                              "the DeepSpeed trainer (DeepSpeed computes no per-sample gradients); "
-                              "python -m hpc_gan.train picks it by itself")
         super().__init__(cfg, env, run_dir)
         self.precision = resolve_precision(cfg.train, torch.cuda.is_available())
         self.dtype = DTYPES[self.precision]
