@@ -1,7 +1,9 @@
 """The ``hpc_gan`` command: one subcommand per job, one error line and a non-zero exit on bad input.
 
-Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this module only dispatches and turns :class:`HpcGanError` into one line.
+Each subcommand's argument parsing lives in a ``cli_<name>.py`` beside the library module it
+drives (``hpc_gan/launch/cli_submit.py`` beside ``submit.py``) and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; library modules parse no arguments. This module
+only dispatches and turns :class:`HpcGanError` into one line.
 """
 
 from __future__ import annotations

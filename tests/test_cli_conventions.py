@@ -51,3 +51,23 @@ def test_one_process_joins_no_group():
 
     env = join_process_group({})
     assert (env.rank, env.world_size) == (0, 1) and not torch.distributed.is_initialized()
+
+
+def test_tstr_config_defaults_are_the_command_line_defaults():
+    """The submitted tstr job builds a TstrConfig from its defaults; they must be what
+    ``hpc_gan tstr`` would use (the job used to copy them into a hand-made Namespace)."""
+    import argparse
+    import dataclasses
+
+    from hpc_gan.cli_types import data_cache_settings
+    from hpc_gan.eval import cli_tstr
+    from hpc_gan.eval.tstr import TstrConfig
+
+    parser = argparse.ArgumentParser()
+    cli_tstr.add_arguments(parser)
+    args = parser.parse_args(["--real", "r", "--images", "i", "--labels", "l", "--source", "real", "--out", "o"])
+    settings = TstrConfig("r", "i", "l", ["real"], "o")
+    for item in dataclasses.fields(settings):
+        if item.name != "data_cache":
+            assert getattr(args, item.name) == getattr(settings, item.name), item.name
+    assert data_cache_settings(args) == settings.data_cache

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.job == "evaluate":
         return submit_evaluation(runs, cluster, args.wait, args.n_samples)
     if args.job == "tstr":
-        return submit_tstr(runs, cluster, args)
+        nifti = {"images": args.images, "labels": args.labels, "masks": args.masks}
+        return submit_tstr(runs, cluster, nifti, args.tstr_steps, args.tstr_real, args.wait)
     for note in check_run_dirs(runs, args.resume, args.overwrite):
         print(note)
     for line in fit_warnings(runs, args.gpu_memory_gb):  # warn only: the estimate is an estimate

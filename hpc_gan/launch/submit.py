@@ -200,24 +200,40 @@ def submit_evaluation(runs: list[PlannedRun], cluster: str, wait: bool, n_sample
     return wait_for(jobs, runs) if wait else 0
 
 
-def submit_tstr(runs: list[PlannedRun], cluster: str, args: argparse.Namespace) -> int:
-    """One array: the downstream test of each trained variant (and of real data with --tstr-real)."""
+def submit_tstr(runs: list[PlannedRun], cluster: str, nifti: dict, steps: int, with_real: bool = False,
+                wait: bool = False) -> int:
+    """One array: the downstream test of each trained variant (and of real data when ``with_real``).
+
+    Args:
+        runs: the trained variants.
+        cluster: ``slurm`` or ``local``.
+        nifti: ``images``, ``labels`` and ``masks`` (or None) directories of the real subjects.
+        steps: maximum U-Net steps per test.
+        with_real: also a U-Net trained on the real patches (``--tstr-real``).
+        wait: block until the jobs end.
+
+    Returns:
+        0, or the status of :func:`wait_for` when waiting.
+
+    Raises:
+        LaunchError: no images or labels given, or a run not trained yet.
+    """
     from hpc_gan.launch.job import TstrJob
 
-    if not (args.images and args.labels):
+    if not (nifti.get("images") and nifti.get("labels")):
         raise LaunchError("--job tstr needs --images and --labels (and --masks for the intracranial setting)")
-    nifti = {"images": str(Path(args.images).resolve()), "labels": str(Path(args.labels).resolve()),
-             "masks": str(Path(args.masks).resolve()) if args.masks else None}
+    nifti = {"images": str(Path(nifti["images"]).resolve()), "labels": str(Path(nifti["labels"]).resolve()),
+             "masks": str(Path(nifti["masks"]).resolve()) if nifti.get("masks") else None}
     check_trained(runs)
     experiment = runs[0].cfg.run_dir.parent
-    tasks = [(run, TstrJob(str(run.config_file), run.variant, str(run.cfg.run_dir / "tstr"), nifti, args.tstr_steps))
+    tasks = [(run, TstrJob(str(run.config_file), run.variant, str(run.cfg.run_dir / "tstr"), nifti, steps))
              for run in runs]
-    if args.tstr_real:
+    if with_real:
         tasks.append((PlannedRun("real", runs[0].cfg, runs[0].config_file),
-                      TstrJob(str(runs[0].config_file), "real", str(experiment / "tstr_real"), nifti, args.tstr_steps)))
+                      TstrJob(str(runs[0].config_file), "real", str(experiment / "tstr_real"), nifti, steps)))
     jobs = submit_array(tasks, cluster, "tstr_jobs.json")
     print(f"table:  hpc_gan compare {' '.join(job.out for _, job in tasks)}")
-    return wait_for(jobs, [run for run, _ in tasks]) if args.wait else 0
+    return wait_for(jobs, [run for run, _ in tasks]) if wait else 0
 
 
 def jobs_record(runs, jobs, cluster: str, log_dir: Path) -> dict:
