@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hpc_gan.eval import memorisation as audit
 from hpc_gan.eval.memorisation import (closest_pairs_png, memorisation_audit, memorisation_audit_distributed,
-                                   nearest_distances)
+                                      nearest_distances)
 
 pytestmark = pytest.mark.unit
 
