@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
-import json
 import math
 import os
 import platform

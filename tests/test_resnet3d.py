@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from helpers import medicalnet_model as _medicalnet_model
 from helpers import save_medicalnet as _save_medicalnet
