@@ -60,26 +60,24 @@ def data_cache_settings(args: argparse.Namespace):
     return CacheSettings(args.data_cache, args.data_cache_dir, args.data_cache_dtype, args.keep_data_cache)
 
 
-def positive_int(text: str) -> int:
-    """'4' -> 4; 0, negatives and non-numbers are refused."""
+def _int_at_least(text: str, minimum: int, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be {bound}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """'4' -> 4; 0, negatives and non-numbers are refused."""
+    return _int_at_least(text, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """'0' -> 0; negatives and non-numbers are refused (seeds, counts that may be zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return _int_at_least(text, 0, "0 or more")
 
 
 def positive_float(text: str) -> float:
