@@ -22,12 +22,12 @@ import os, signal, sys
 from hpc_gan import dist
 from hpc_gan.train import __main__ as train_main
 
-signal.signal(signal.SIGUSR2, lambda *a: print("submitit: Not checkpointing nor requeuing since I am a slave",
-                                               flush=True))
+SIG = getattr(signal, os.environ["STOP_SIGNAL"])
+signal.signal(SIG, lambda *a: print("submitit: Not checkpointing nor requeuing since I am a slave", flush=True))
 real_init = dist.init_process_group
 
 def slow_start_up(env, *args, **kwargs):
-    os.kill(os.getpid(), signal.SIGUSR2)  # the time-limit signal, in the middle of start-up
+    os.kill(os.getpid(), SIG)  # in the middle of start-up
     return real_init(env, *args, **kwargs)
 
 dist.init_process_group = slow_start_up
@@ -36,16 +36,19 @@ print(f"EXIT {code}", flush=True)
 """
 
 
-def test_a_stop_signal_during_start_up_is_not_lost(smoke_shards, tmp_path):
+@pytest.mark.parametrize("name, code", [("SIGUSR2", 3), ("SIGTERM", 4)])
+def test_a_stop_signal_during_start_up_is_not_lost(smoke_shards, tmp_path, name, code):
+    """SIGUSR2 (time limit): checkpoint, exit 3 for requeue. SIGTERM (scancel or preemption):
+    checkpoint, exit 4 without self-requeue, so a cancelled job stays cancelled."""
     script = tmp_path / "rank.py"
     script.write_text(SCRIPT)
     argv = [sys.executable, str(script), "--variant", "sn", "--profile", "smoke"]
     for item in (f"data.root={smoke_shards}", f"output_root={tmp_path}", "train.max_steps=30", "train.eval_every=0",
                  "train.image_every=0", "train.checkpoint_every=100", "train.log_every=10"):
         argv += ["--set", item]
-    env = without_launcher_env() | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = without_launcher_env() | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "STOP_SIGNAL": name}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=280, cwd=REPO, env=env)
-    assert "EXIT 3" in done.stdout, done.stdout + done.stderr  # EXIT_REQUEUE: checkpointed for requeue
+    assert f"EXIT {code}" in done.stdout, done.stdout + done.stderr  # checkpointed, then requeue or stop
     assert "I am a slave" not in done.stdout  # the trainer's handler, not the ignoring one, got it
     run = tmp_path / "run" / "sn"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000001"

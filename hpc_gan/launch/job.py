@@ -9,8 +9,11 @@ Stopping early (time limit or preemption) works in three steps that keep DeepSpe
    signal on the other ranks) as the first thing the trainer does, before the slow start-up, so a
    signal during start-up is honoured at the first step boundary.
 2. At the next step boundary the ranks agree (one all-reduce), write one checkpoint together and
-   return :data:`~hpc_gan.train.__main__.EXIT_REQUEUE`.
-3. Rank 0 then calls submitit's own handler, which counts the timeouts (at most
+   return :data:`~hpc_gan.train.__main__.EXIT_REQUEUE` after USR2, or
+   :data:`~hpc_gan.train.__main__.EXIT_STOPPED` after TERM alone: TERM is also what ``scancel``
+   sends, and a preempted job is requeued by SLURM itself, so the job stops without requeueing
+   (a cancelled job stays cancelled).
+3. After USR2, rank 0 then calls submitit's own handler, which counts the timeouts (at most
    ``cluster.max_requeues``), pickles :meth:`TrainJob.checkpoint` (the same job: it resumes from
    the newest COMPLETE checkpoint) and runs ``scontrol requeue``.
 
@@ -31,7 +34,7 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict:
-        from hpc_gan.train.__main__ import EXIT_REQUEUE
+        from hpc_gan.train.__main__ import EXIT_REQUEUE, EXIT_STOPPED
         from hpc_gan.train.__main__ import main as train_main
 
         _export_local_ranks()
@@ -41,6 +44,8 @@ class TrainJob:
             if callable(submitit_handler) and _global_rank() == 0:
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() + scontrol requeue, then exits
             return {"config": self.config, "status": "stopped for requeue"}
+        if code == EXIT_STOPPED:  # SIGTERM: scancel (stays cancelled) or a preemption (SLURM requeues)
+            return {"config": self.config, "status": "stopped"}
         if code != 0:
             raise RuntimeError(f"training failed with exit status {code}; the error line is in this task's log")
         # Training is over: a time-limit signal now has nothing left to save. Ignore it, or it would

@@ -25,7 +25,8 @@ from hpc_gan.cli_config import add_config_arguments, load_from_args
 from hpc_gan.cli_types import positive_int
 from hpc_gan.errors import HpcGanError, print_error
 
-EXIT_REQUEUE = 3  # checkpointed after a stop signal: the launcher requeues the job
+EXIT_REQUEUE = 3  # checkpointed after the time-limit signal (SIGUSR2): the launcher requeues the job
+EXIT_STOPPED = 4  # checkpointed after SIGTERM (scancel or preemption): no self-requeue
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
         dist.barrier()
         if trainer.stop_requested:
-            return EXIT_REQUEUE
+            return EXIT_REQUEUE if trainer.requeue else EXIT_STOPPED
     except HpcGanError as exc:
         if args.debug:
             raise

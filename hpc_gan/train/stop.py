@@ -1,7 +1,10 @@
 """Stop requests: SLURM's time-limit signal (SIGUSR2, ``--signal``) or a preemption's SIGTERM.
 
 The handler only records the request; the ranks agree at the next step boundary, checkpoint
-together and exit for requeue (:mod:`hpc_gan.launch.job`). It is installed by
+together and exit. Only the time-limit signal (SIGUSR2) makes the job requeue itself
+(:mod:`hpc_gan.launch.job`): SIGTERM is what ``scancel`` sends, and also what a preemption sends
+before SLURM requeues the job by itself (``PreemptMode=REQUEUE``), so after SIGTERM the job
+checkpoints and stops without requeueing — a cancelled job stays cancelled. It is installed by
 ``python -m hpc_gan.train`` before anything slow happens (joining the process group, DeepSpeed's
 initialisation, checking the shards, resuming): a signal that arrives during start-up is kept
 and honoured at the first step boundary. Before, the handler was installed only when the loop
@@ -38,6 +41,12 @@ def install() -> None:
 def requested() -> bool:
     """Whether a stop signal has arrived since :func:`install` (or the last :func:`clear`)."""
     return bool(_requested)
+
+
+def requeue_wanted() -> bool:
+    """Whether a recorded request asks the job to requeue itself: the time-limit signal (SIGUSR2)
+    was among them. SIGTERM alone (scancel, or a preemption SLURM requeues itself) does not."""
+    return signal.SIGUSR2.name in _requested
 
 
 def clear() -> None:

@@ -84,6 +84,7 @@ class TrainingLoop:
         self.step = 0
         self.nonfinite_steps = 0
         self.stop_requested = False
+        self.requeue = False  # the stop came from the time-limit signal: the job requeues itself
         self.dataset = _verified_dataset(cfg, env.rank)
         if self.dataset.patch_shape != cfg.model.patch_shape:
             raise ConfigError(f"data.root '{cfg.data.root}' holds {self.dataset.patch_shape} patches but "
@@ -191,8 +192,10 @@ class TrainingLoop:
                     self.save(evaluated, best)
                 if stop:
                     self.stop_requested = True
+                    self.requeue = stop_request.requeue_wanted()
                     stop_request.clear()  # honoured: a later run in this process starts without it
-                    log.warning("stop requested: checkpoint %s written, exiting for requeue", ckpt.tag_of(self.step))
+                    log.warning("stop requested: checkpoint %s written, exiting%s", ckpt.tag_of(self.step),
+                                " for requeue" if self.requeue else " (SIGTERM: no self-requeue)")
                     break
         finally:
             metrics.close()
