@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace as Failure
 
 import pytest
 
@@ -15,6 +16,7 @@ from hpc_gan.dist import free_port, without_launcher_env
 from hpc_gan.errors import print_error
 
 REPO = Path(__file__).resolve().parent.parent
+
 BETAS = "error: rank {rank}: train.betas=1.0,0.9 is out of range: each value must be < 1.0"
 
 
@@ -57,7 +59,7 @@ def test_plain_torchrun_quotes_the_ranks_line_in_its_failure_table(tmp_path):
 
 @pytest.mark.unit
 def test_the_reported_failure_is_the_earliest_with_its_own_line():
-    from types import SimpleNamespace as Failure
+
 
     from hpc_gan.launch.ranks import _cause
 
@@ -67,3 +69,16 @@ def test_the_reported_failure_is_the_earliest_with_its_own_line():
     structured = Failure(message={"message": "error: rank 2: worse"}, timestamp=99, exitcode=2)
     assert _cause({0: stopped, 1: own, 2: structured})[0] == 2
     assert _cause({3: stopped, 0: Failure(message="Signal 9", timestamp=100, exitcode=-9)})[0] == 0
+
+
+@pytest.mark.unit
+def test_a_rank_stopped_by_the_agent_after_its_line_does_not_hide_the_user_error_status():
+    """Rank 0 wrote its line first but the agent's SIGTERM ended it (status -15); rank 1 exited 2
+    with the same kind of line: the job's status is 2, not the generic 1 (seen in a make test run)."""
+    from hpc_gan.launch.ranks import _exit_status
+
+    first = Failure(message={"message": BETAS.format(rank=0)}, timestamp=100, exitcode=-15)
+    second = Failure(message={"message": BETAS.format(rank=1)}, timestamp=101, exitcode=2)
+    assert _exit_status(first, {0: first, 1: second}) == 2
+    killed = Failure(message="Signal 9 (SIGKILL) received by PID 7", timestamp=100, exitcode=-9)
+    assert _exit_status(killed, {0: killed}) == 1

@@ -45,8 +45,18 @@ def run_local_ranks(nproc: int, module: str, argv: list[str]) -> int:
         if not line.startswith("error: "):
             line = f"error: rank {rank} failed ({line}); its output is above"
         print(line, file=sys.stderr, flush=True)
-        return failure.exitcode if failure.exitcode > 0 else EXIT_FAILED
+        return _exit_status(failure, exc.failures)
     return 0
+
+
+def _exit_status(reported, failures: dict) -> int:
+    """The reported rank's exit status; when the agent's SIGTERM to the other ranks ended it
+    after it wrote its own line (a negative status), the status of a rank that exited by itself
+    with its own line (e.g. 2 for a user error), else ``EXIT_FAILED``."""
+    if reported.exitcode > 0:
+        return reported.exitcode
+    own = [f.exitcode for f in failures.values() if _message(f).startswith("error: ") and f.exitcode > 0]
+    return min(own) if own else EXIT_FAILED
 
 
 def _message(failure) -> str:
