@@ -200,6 +200,16 @@ def check_output_path(path: str | os.PathLike, flag: str, kind: str = "directory
     return path
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk or the quota is full (ENOSPC, EDQUOT, also when HDF5 reports
+    it only in its message)."""
+    text = str(exc)
+    return isinstance(exc, OSError) and (exc.errno in DISK_FULL or "No space left" in text or "Disk quota" in text)
+
+
 def write_error(exc: OSError, what: str) -> Exception:
     """One-line :class:`~hpc_gan.errors.OutputError` for an ``OSError`` raised while writing ``what``.
 
@@ -209,7 +219,7 @@ def write_error(exc: OSError, what: str) -> Exception:
     from hpc_gan.errors import OutputError
 
     text = str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text:
+    if disk_full(exc):
         reason = "no space left on device" if exc.errno != errno.EDQUOT else "disk quota exceeded"
         return OutputError(f"{reason} writing {what}; free space or choose another output, then run again")
     return OutputError(f"cannot write {what}: {exc.strerror or text}")

@@ -32,7 +32,6 @@ Example (fake parts, one process):
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -42,14 +41,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpc_gan.errors import CheckpointError
-from hpc_gan.io import torch_save_atomic, write_text_atomic
+from hpc_gan.io import disk_full, torch_save_atomic, write_text_atomic
 from hpc_gan.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 JSON, SHARED, PER_RANK, SHARDED = "json", "shared", "per_rank", "sharded"
 SCOPES = (SHARDED, SHARED, PER_RANK, JSON)  # load order: networks first, their companions after
 FORMAT_VERSION = 2
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 LOW_SPACE_BYTES = 1 << 24  # torch's writers lose errno ("basic_ios::clear"): under 16 MiB free counts as full
 
 
@@ -307,7 +305,7 @@ def write_failure(exc: BaseException, where: Path) -> str:
     RuntimeError without errno, so little free space on ``where``'s file system counts as full."""
     filename = getattr(exc, "filename", None) or _newest_file(where) or where
     exc = exc.cause if isinstance(exc, WriteFailed) else exc
-    full = isinstance(exc, OSError) and exc.errno in DISK_FULL
+    full = disk_full(exc)
     if not full and isinstance(exc, (OSError, RuntimeError)):
         full = _free_bytes(where) < LOW_SPACE_BYTES
     if full:
